@@ -1,0 +1,3 @@
+from oistream.cli import main
+
+raise SystemExit(main())

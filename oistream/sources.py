@@ -1,0 +1,110 @@
+"""Where Open Images lives, and how to open any of its locations through fsspec.
+
+This is the only module that knows the real public locations (DESIGN section 2). Everything
+else takes two roots — ``images`` and ``metadata`` — and asks here for the URL of a file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+
+SPLITS = ("train", "validation", "test")
+MASK_PREFIXES = "0123456789abcdef"
+
+DEFAULT_IMAGES = "s3://open-images-dataset"
+DEFAULT_METADATA = "https://storage.googleapis.com/openimages"
+
+# botocore's pool defaults to 10 connections; the fetcher keeps hundreds of requests in flight.
+DEFAULT_POOL_CONNECTIONS = 512
+
+_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
+
+
+def image_url(images_root: str, split: str, image_id: str) -> str:
+    return f"{images_root.rstrip('/')}/{split}/{image_id}.jpg"
+
+
+def mask_zip_url(metadata_root: str, split: str, prefix: str) -> str:
+    return f"{metadata_root.rstrip('/')}/v5/{split}-masks/{split}-masks-{prefix}.zip"
+
+
+def segmentation_csv_url(metadata_root: str, split: str) -> str:
+    return f"{metadata_root.rstrip('/')}/v5/{split}-annotations-object-segmentation.csv"
+
+
+def segmentable_classes_url(metadata_root: str) -> str:
+    return f"{metadata_root.rstrip('/')}/v5/classes-segmentation.txt"
+
+
+def class_descriptions_url(metadata_root: str) -> str:
+    return f"{metadata_root.rstrip('/')}/v7/oidv7-class-descriptions-boxable.csv"
+
+
+def v5_class_descriptions_url(metadata_root: str) -> str:
+    """V5's class list: the same content as V7's but without a header line."""
+    return f"{metadata_root.rstrip('/')}/v5/class-descriptions-boxable.csv"
+
+
+def endpoint_from_environment() -> str | None:
+    return os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _have_aws_credentials() -> bool:
+    if any(os.environ.get(name) for name in _CREDENTIAL_VARIABLES):
+        return True
+    credentials_file = os.environ.get(
+        "AWS_SHARED_CREDENTIALS_FILE", os.path.expanduser("~/.aws/credentials")
+    )
+    return os.path.exists(credentials_file)
+
+
+def storage_options(url: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """fsspec options for ``url``: anonymous S3 unless credentials exist, endpoint from flag or env.
+
+    The result is plain data (picklable), so it can travel to worker processes and Dask tasks,
+    which must open their own filesystems: s3fs is not fork-safe.
+    """
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    if protocol in ("s3", "s3a"):
+        options: dict[str, Any] = {
+            "anon": not _have_aws_credentials(),
+            "config_kwargs": {"max_pool_connections": DEFAULT_POOL_CONNECTIONS},
+        }
+        endpoint = endpoint_url or endpoint_from_environment()
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        return options
+    return {}
+
+
+def filesystem(
+    url: str, options: dict[str, Any] | None = None, *, asynchronous: bool = False, **extra: Any
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Open the filesystem behind ``url`` and return it with the path inside it.
+
+    ``asynchronous=True`` gives an async-capable instance (s3fs, http) for use inside a running
+    event loop; local paths get the ordinary local filesystem either way.
+    """
+    options = dict(storage_options(url) if options is None else options)
+    options.update(extra)
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    cls = fsspec.get_filesystem_class(protocol)
+    if asynchronous and getattr(cls, "async_impl", False):
+        options["asynchronous"] = True
+        # A fresh instance per loop: cached instances are bound to the loop that made them.
+        options["skip_instance_cache"] = True
+    fs = cls(**options)
+    return fs, fs._strip_protocol(url)
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
