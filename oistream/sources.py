@@ -108,3 +108,21 @@ def filesystem(
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+async def open_async_filesystem(url: str, options: dict[str, Any] | None = None) -> Any:
+    """An async filesystem bound to the running event loop, its client session already open."""
+    fs, _ = filesystem(url, options, asynchronous=True)
+    if hasattr(fs, "set_session"):
+        await fs.set_session()
+    return fs
+
+
+async def close_async_filesystem(fs: Any) -> None:
+    """Close the client inside its loop; left to garbage collection it warns after the loop."""
+    s3_client = getattr(fs, "_s3", None)
+    if s3_client is not None:
+        await s3_client.__aexit__(None, None, None)
+    http_session = getattr(fs, "_session", None)
+    if http_session is not None:
+        await http_session.close()

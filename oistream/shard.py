@@ -1,0 +1,330 @@
+"""`oistream shard`: catalog -> plan -> locate masks -> build shards -> manifest.
+
+The planning side reads the class lists, streams the segmentation CSV, plans, and reads each
+needed zip's central directory once; the executor builds the shards; this module then writes
+``manifest.json``. Rerunning the same command skips shards already complete.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+import oistream
+from oistream import catalog, executors, sources
+from oistream.errors import OistreamError
+from oistream.fetch import FetchError
+from oistream.locate import locate_members
+from oistream.plan import DEFAULT_SAMPLES_PER_SHARD, Plan, make_plan
+from oistream.shardjob import JobContext, ShardResult, ShardTask, progress_name
+from oistream.writer import MANIFEST_NAME, OutputLocation
+
+PLAN_RECORD = "_progress/plan.json"
+
+
+@dataclass
+class RunReport:
+    """What a run did, for the summary: moved bytes and rates are not in the manifest."""
+
+    manifest: dict[str, Any]
+    shards_built: int = 0
+    shards_skipped: int = 0
+    bytes_requested: int = 0
+    payload_bytes: int = 0
+    requests: int = 0
+    retries: int = 0
+    mean_in_flight: float = 0.0
+    seconds: float = 0.0
+    directory_bytes: int = 0
+    malformed_rows: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def run_shard(
+    classes: list[str],
+    split: str,
+    out: str,
+    *,
+    images: str = sources.DEFAULT_IMAGES,
+    metadata: str = sources.DEFAULT_METADATA,
+    per_class: int | None = None,
+    max_images: int | None = None,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    seed: int = 0,
+    executor: str = "local",
+    scheduler: str | None = None,
+    concurrency: int = 256,
+    processes: int | None = None,
+    endpoint_url: str | None = None,
+    show_progress: bool = True,
+) -> RunReport:
+    if split not in sources.SPLITS:
+        raise OistreamError(f"unknown split {split!r}; choose one of {', '.join(sources.SPLITS)}")
+    started = time.perf_counter()
+    images_options = sources.storage_options(images, endpoint_url)
+    metadata_options = sources.storage_options(metadata, endpoint_url)
+    out_options = sources.storage_options(out, endpoint_url)
+
+    known = catalog.load_classes(metadata, metadata_options)
+    selected = catalog.resolve_classes(classes, known)
+    table = catalog.read_segmentations(
+        sources.segmentation_csv_url(metadata, split), [c.mid for c in selected], metadata_options
+    )
+    plan = make_plan(
+        table,
+        selected,
+        split,
+        per_class=per_class,
+        max_images=max_images,
+        samples_per_shard=samples_per_shard,
+        seed=seed,
+    )
+    if not plan.shards:
+        raise OistreamError(
+            f"no {split} images carry {', '.join(c.name for c in selected)}: nothing to shard"
+        )
+
+    location = OutputLocation(out, out_options)
+    _claim_output(location, plan)
+    report = RunReport(manifest={}, malformed_rows=table.malformed)
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for spec in plan.shards:
+        done = location.read_json(progress_name(spec.name)) if location.exists(spec.name) else None
+        if done is not None:
+            results[spec.name] = done
+            report.shards_skipped += 1
+        else:
+            todo.append(spec)
+
+    if todo:
+        _check_images_reachable(plan, images, images_options)
+        located = locate_members(plan, metadata, metadata_options)
+        report.directory_bytes = located.bytes_requested
+        report.bytes_requested += located.bytes_requested
+        report.requests += located.requests
+        tasks = [
+            ShardTask(
+                spec,
+                {
+                    x["mask_path"]: located.members[x["mask_path"]]
+                    for s in spec.samples
+                    for x in s.instances
+                    if x["mask_path"] in located.members
+                },
+                located.zip_errors,
+            )
+            for spec in todo
+        ]
+        context = JobContext(
+            split=split,
+            images_root=images,
+            metadata_root=metadata,
+            out_url=out,
+            images_options=images_options,
+            metadata_options=metadata_options,
+            out_options=out_options,
+            concurrency=concurrency,
+        )
+        _run_tasks(tasks, context, executor, scheduler, processes, show_progress, results, report)
+
+    report.seconds = time.perf_counter() - started
+    if report.errors:
+        raise OistreamError(
+            f"{len(report.errors)} shard(s) failed ({report.errors[0]}); "
+            "rerun the same command to finish them"
+        )
+    report.manifest = build_manifest(plan, results, images, metadata, table)
+    location.write_json(MANIFEST_NAME, report.manifest)
+    return report
+
+
+def _claim_output(location: OutputLocation, plan: Plan) -> None:
+    """Refuse to mix two plans' shards in one folder; remember this plan for reruns."""
+    location.prepare()
+    previous = location.read_json(PLAN_RECORD)
+    if previous is not None and previous.get("plan_hash") != plan.plan_hash:
+        raise OistreamError(
+            f"{location.url} holds shards of another selection "
+            f"(plan {previous.get('plan_hash', '?')[:12]}); choose another --out or empty it"
+        )
+    if previous is None:
+        location.write_json(
+            PLAN_RECORD,
+            {
+                "plan_hash": plan.plan_hash,
+                "split": plan.split,
+                "parameters": plan.parameters,
+                "shards": [s.name for s in plan.shards],
+            },
+        )
+
+
+def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) -> None:
+    """Stop at once, with one line, when the images root is wrong or unreachable.
+
+    A single missing image is a per-sample failure; three planned images all missing, or any
+    error other than not-found, means the root itself is wrong.
+    """
+    fs, _ = sources.filesystem(images, options)
+    first_ids = [s.image_id for shard in plan.shards for s in shard.samples][:3]
+    for image_id in first_ids:
+        url = sources.image_url(images, plan.split, image_id)
+        try:
+            fs.info(url)
+            return
+        except FileNotFoundError:
+            continue
+        except Exception as error:
+            raise OistreamError(f"cannot reach images at {images}: {_one_line(error)}") from None
+    raise OistreamError(
+        f"no planned image found under {images}/{plan.split}/ (tried {len(first_ids)}): "
+        "wrong --images URL?"
+    )
+
+
+def _run_tasks(
+    tasks: list[ShardTask],
+    context: JobContext,
+    executor: str,
+    scheduler: str | None,
+    processes: int | None,
+    show_progress: bool,
+    results: dict[str, dict[str, Any]],
+    report: RunReport,
+) -> None:
+    total_samples = sum(len(t.spec.samples) for t in tasks)
+    bar = tqdm(
+        total=total_samples,
+        unit="img",
+        desc=f"shard {context.split}",
+        disable=not show_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    counters = {"bytes": 0, "failures": 0}
+    in_flight_weighted = 0.0
+    fetch_seconds = 0.0
+
+    def on_progress(samples: int, nbytes: int, failures: int) -> None:
+        counters["bytes"] += nbytes
+        counters["failures"] += failures
+        bar.update(samples)
+        bar.set_postfix(
+            MB=f"{counters['bytes'] / 1e6:.0f}", failures=counters["failures"], refresh=False
+        )
+
+    def on_result(task: ShardTask, outcome: ShardResult | BaseException) -> None:
+        nonlocal in_flight_weighted, fetch_seconds
+        if isinstance(outcome, BaseException):
+            report.errors.append(f"{task.spec.name}: {_one_line(outcome)}")
+            return
+        results[task.spec.name] = {
+            "stats": asdict(outcome.stats),
+            "failures": outcome.failures,
+            "payload_bytes": outcome.payload_bytes,
+        }
+        report.shards_built += 1
+        report.bytes_requested += outcome.bytes_requested
+        report.payload_bytes += outcome.payload_bytes
+        report.requests += outcome.requests
+        report.retries += outcome.retries
+        in_flight_weighted += outcome.mean_in_flight * outcome.seconds
+        fetch_seconds += outcome.seconds
+        if executor == "dask":  # no per-image progress from the cluster: advance per shard
+            on_progress(len(task.spec.samples), outcome.payload_bytes, len(outcome.failures))
+
+    try:
+        if executor == "local":
+            workers = processes or min(os.cpu_count() or 1, 8)
+            executors.run_local(tasks, context, workers, on_result, on_progress)
+        elif executor == "dask":
+            executors.run_dask(tasks, context, scheduler, on_result)
+        else:
+            raise OistreamError(f"unknown executor {executor!r}; choose local or dask")
+    finally:
+        bar.close()
+    if fetch_seconds > 0:
+        # Shards built side by side each report their own mean; their sum is the run's mean.
+        processes_used = 1 if executor == "dask" else max(1, min(processes or 1, len(tasks)))
+        report.mean_in_flight = in_flight_weighted / fetch_seconds * processes_used
+
+
+def build_manifest(
+    plan: Plan,
+    results: dict[str, dict[str, Any]],
+    images: str,
+    metadata: str,
+    table: catalog.SegmentationTable,
+) -> dict[str, Any]:
+    """Deterministic: no times or hosts, so an interrupted and resumed run writes the same file."""
+    shards = []
+    failures = []
+    per_class: Counter[str] = Counter()
+    failed_ids = set()
+    for spec in plan.shards:
+        result = results[spec.name]
+        shards.append(result["stats"])
+        failures.extend(result["failures"])
+        failed_ids.update(f["image_id"] for f in result["failures"])
+        for sample in spec.samples:
+            if sample.image_id not in failed_ids:
+                per_class.update(x["label"] for x in sample.instances)
+    names = {c.mid: c.name for c in plan.classes}
+    return {
+        "format_version": oistream.SHARD_FORMAT_VERSION,
+        "oistream_version": oistream.__version__,
+        "sources": {"images": images, "metadata": metadata},
+        "split": plan.split,
+        "classes": plan.manifest_classes(),
+        "selection": plan.parameters,
+        "plan_hash": plan.plan_hash,
+        "catalog": {"csv_rows": table.total_rows, "malformed_rows": table.malformed},
+        "shards": shards,
+        "totals": {
+            "shards": len(shards),
+            "samples": sum(s["samples"] for s in shards),
+            "instances": sum(s["instances"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "instances_per_class": {names[mid]: per_class[mid] for mid in names},
+            "failures": len(failures),
+        },
+        "failures": failures,
+    }
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def format_summary(report: RunReport, out: str) -> str:
+    totals = report.manifest["totals"]
+    lines = [
+        f"wrote {totals['shards']} shard(s) to {out}: {totals['samples']} images, "
+        f"{totals['instances']} instances, {totals['bytes'] / 1e6:.1f} MB"
+        + (f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""),
+        "instances per class: "
+        + ", ".join(f"{name} {count}" for name, count in totals["instances_per_class"].items()),
+        f"moved {report.bytes_requested / 1e6:.1f} MB in {report.requests} requests "
+        f"({report.directory_bytes / 1e6:.1f} MB of zip directories, {report.retries} retries) "
+        f"in {report.seconds:.1f} s",
+    ]
+    if report.malformed_rows:
+        lines.append(f"skipped {report.malformed_rows} malformed CSV row(s)")
+    if totals["failures"]:
+        first = report.manifest["failures"][0]
+        lines.append(
+            f"{totals['failures']} image(s) left out, listed in manifest.json "
+            f"(first: {first['image_id']}: {first['reason']})"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["FetchError", "RunReport", "build_manifest", "format_summary", "run_shard"]

@@ -1,0 +1,250 @@
+"""Build one shard: fetch its images and mask members concurrently, write them in plan order.
+
+This runs wherever the executor puts it (a local worker process or a Dask worker), so it takes
+only plain, picklable data and opens its own filesystems: s3fs is not fork-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from oistream import sources
+from oistream.fetch import Fetcher, FetchError, MissingObject
+from oistream.plan import SampleSpec, ShardSpec
+from oistream.remotezip import CorruptMember, ZipMember, fetch_members
+from oistream.writer import PROGRESS_FOLDER, OutputLocation, ShardStats
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_START = b"\xff\xd8"
+JPEG_END = b"\xff\xd9"
+
+
+@dataclass
+class JobContext:
+    """What every shard task needs to know, as plain data."""
+
+    split: str
+    images_root: str
+    metadata_root: str
+    out_url: str
+    images_options: dict[str, Any]
+    metadata_options: dict[str, Any]
+    out_options: dict[str, Any]
+    concurrency: int = 256
+
+
+@dataclass
+class ShardTask:
+    spec: ShardSpec
+    # mask_path -> where it sits in its zip; a mask absent here is missing from its zip.
+    members: dict[str, ZipMember]
+    # zip prefix -> why that whole zip could not be read (missing object, bad central directory)
+    zip_errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ShardResult:
+    stats: ShardStats
+    failures: list[dict[str, str]]
+    payload_bytes: int = 0
+    requests: int = 0
+    retries: int = 0
+    bytes_requested: int = 0
+    mean_in_flight: float = 0.0
+    seconds: float = 0.0
+    fetch: dict[str, Any] = field(default_factory=dict)
+
+
+class SampleFailure(Exception):
+    """A problem with one image or one of its masks: recorded in the manifest, sample left out."""
+
+
+ProgressCallback = Callable[[int, int, int], None]  # (samples done, bytes written, failures)
+
+
+def progress_name(shard_name: str) -> str:
+    """Where a finished shard's stats and failures live, so a rerun can skip it."""
+    return f"{PROGRESS_FOLDER}/{shard_name}.json"
+
+
+def build_shard(
+    task: ShardTask, context: JobContext, progress: ProgressCallback | None = None
+) -> ShardResult:
+    return asyncio.run(_build_shard(task, context, progress))
+
+
+async def _build_shard(
+    task: ShardTask, context: JobContext, progress: ProgressCallback | None
+) -> ShardResult:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    images_fs = await sources.open_async_filesystem(context.images_root, context.images_options)
+    metadata_fs = await sources.open_async_filesystem(
+        context.metadata_root, context.metadata_options
+    )
+    fetcher = Fetcher(concurrency=context.concurrency)
+    location = OutputLocation(context.out_url, context.out_options)
+
+    async def fetch_sample(sample: SampleSpec) -> dict[str, bytes]:
+        return await _fetch_sample(
+            sample, task.members, task.zip_errors, context, fetcher, images_fs, metadata_fs
+        )
+
+    failures: list[dict[str, str]] = []
+    samples = iter(task.spec.samples)
+    # Samples are fetched up to `lookahead` ahead of the one being written: enough to keep the
+    # fetcher's slots full (a sample is about two requests), bounded so memory stays flat.
+    lookahead = max(8, context.concurrency)
+    pending: deque[asyncio.Task[dict[str, bytes]]] = deque()
+    specs: deque[SampleSpec] = deque()
+
+    def schedule_next() -> None:
+        sample = next(samples, None)
+        if sample is not None:
+            specs.append(sample)
+            pending.append(asyncio.ensure_future(fetch_sample(sample)))
+
+    def record_progress(stats: ShardStats) -> None:
+        location.write_json(
+            progress_name(task.spec.name),
+            {"stats": asdict(stats), "failures": failures, "payload_bytes": shard.payload_bytes},
+        )
+
+    for _ in range(lookahead):
+        schedule_next()
+    try:
+        with location.shard(task.spec.name, record_progress) as shard:
+            while pending:
+                sample = specs.popleft()
+                try:
+                    fields = await pending.popleft()
+                except SampleFailure as failure:
+                    failures.append({"image_id": sample.image_id, "reason": str(failure)})
+                    fields = None
+                schedule_next()
+                if fields is not None:
+                    shard.add(sample.image_id, fields, instances=len(sample.instances))
+                if progress is not None:
+                    progress(
+                        1, sum(len(v) for v in fields.values()) if fields else 0, fields is None
+                    )
+    finally:
+        for leftover in pending:
+            leftover.cancel()
+        await sources.close_async_filesystem(images_fs)
+        await sources.close_async_filesystem(metadata_fs)
+    stats = fetcher.stats
+    return ShardResult(
+        stats=shard.stats,
+        failures=failures,
+        payload_bytes=shard.payload_bytes,
+        requests=stats.requests,
+        retries=stats.retries,
+        bytes_requested=stats.bytes,
+        mean_in_flight=stats.mean_in_flight,
+        seconds=loop.time() - started,
+    )
+
+
+async def _fetch_sample(
+    sample: SampleSpec,
+    members: dict[str, ZipMember],
+    zip_errors: dict[str, str],
+    context: JobContext,
+    fetcher: Fetcher,
+    images_fs: Any,
+    metadata_fs: Any,
+) -> dict[str, bytes]:
+    needed = []
+    for instance in sample.instances:
+        member = members.get(instance["mask_path"])
+        if member is None:
+            zip_error = zip_errors.get(sample.image_id[0])
+            if zip_error:
+                raise SampleFailure(f"mask {instance['mask_path']}: {zip_error}")
+            raise SampleFailure(f"mask {instance['mask_path']} is missing from its zip")
+        needed.append(member)
+    image_path = images_fs._strip_protocol(
+        sources.image_url(context.images_root, context.split, sample.image_id)
+    )
+    zip_path = metadata_fs._strip_protocol(
+        sources.mask_zip_url(context.metadata_root, context.split, sample.image_id[0])
+    )
+    image_request = _fetch_image(fetcher, images_fs, image_path)
+    masks_request = fetch_members(fetcher, metadata_fs, zip_path, needed)
+    image, masks = await asyncio.gather(image_request, masks_request)
+    width, height = _jpeg_size(image, sample.image_id)
+    fields: dict[str, bytes] = {"jpg": image}
+    for instance in sample.instances:
+        data = masks[instance["mask_path"]]
+        if isinstance(data, MissingObject):
+            raise SampleFailure(f"mask {instance['mask_path']} is missing: {data}")
+        if isinstance(data, CorruptMember):
+            raise SampleFailure(f"mask {instance['mask_path']} is corrupt: {data}")
+        if isinstance(data, Exception):
+            raise data  # a transport failure after retries: the shard fails, the run can resume
+        _check_png(data, instance["mask_path"])
+        fields[instance["mask"]] = data
+    record = {
+        "image_id": sample.image_id,
+        "split": context.split,
+        "width": width,
+        "height": height,
+        "instances": sample.instances,
+    }
+    fields["json"] = json.dumps(record, separators=(",", ":")).encode()
+    return fields
+
+
+async def _fetch_image(fetcher: Fetcher, fs: Any, path: str) -> bytes:
+    try:
+        return await fetcher.cat(fs, path)
+    except MissingObject as missing:
+        raise SampleFailure(f"image {path} is missing: {missing}") from None
+
+
+def _jpeg_size(data: bytes, image_id: str) -> tuple[int, int]:
+    """Reads the header only: decoding every image would cost more CPU than the whole fetch."""
+    if not (data.startswith(JPEG_START) and data.rstrip(b"\0").endswith(JPEG_END)):
+        raise SampleFailure(f"image {image_id}.jpg is not a complete JPEG")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception as error:
+        raise SampleFailure(f"image {image_id}.jpg is corrupt: {error}") from None
+
+
+def _check_png(data: bytes, name: str) -> None:
+    """Signature and every chunk's CRC: catches damaged masks without decoding them."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise SampleFailure(f"mask {name} is not a PNG")
+    view = memoryview(data)
+    offset = len(PNG_SIGNATURE)
+    seen_end = False
+    while offset + 12 <= len(data):
+        length = int.from_bytes(view[offset : offset + 4], "big")
+        chunk_end = offset + 12 + length
+        if chunk_end > len(data):
+            break
+        chunk = view[offset + 4 : offset + 8 + length]
+        crc = int.from_bytes(view[offset + 8 + length : chunk_end], "big")
+        if zlib.crc32(chunk) != crc:
+            raise SampleFailure(f"mask {name} is corrupt (chunk CRC mismatch)")
+        if bytes(view[offset + 4 : offset + 8]) == b"IEND":
+            seen_end = True
+            break
+        offset = chunk_end
+    if not seen_end:
+        raise SampleFailure(f"mask {name} is truncated")
+
+
+__all__ = ["FetchError", "JobContext", "ShardResult", "ShardTask", "build_shard"]
