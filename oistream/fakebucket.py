@@ -667,8 +667,7 @@ def make_fake_bucket(
 
     scene_cache: dict[int, _Scene] = {}
 
-    def shared_scene(j: int) -> _Scene:
-        k = j % distinct_scenes  # type: ignore[operator]
+    def shared_scene(k: int) -> _Scene:
         if k not in scene_cache:
             scene_cache[k] = _render_scene((seed, 1000, k), k, image_size)
         return scene_cache[k]
@@ -689,10 +688,21 @@ def make_fake_bucket(
         if split not in splits:
             continue
 
-        def own_scene(j: int, split_index: int = split_index) -> _Scene:
-            return _render_scene((seed, split_index, j), j, image_size)
+        if distinct_scenes is None:
 
-        scene_for = own_scene if distinct_scenes is None else shared_scene
+            def scene_for(j: int, split_index: int = split_index) -> _Scene:
+                return _render_scene((seed, split_index, j), j, image_size)
+
+        else:
+            # Every scene used equally often, in shuffled order: were image j to get scene
+            # j % K, a zip (image j's prefix is j % 16) would always get the same scenes and
+            # the zips' member counts would differ by the scenes' instance counts.
+            assignment = np.arange(count) % distinct_scenes
+            np.random.default_rng([seed, 3000, split_index]).shuffle(assignment)
+
+            def scene_for(j: int, assignment: np.ndarray = assignment) -> _Scene:
+                return shared_scene(int(assignment[j]))
+
         image_dir = images_root / split
         image_dir.mkdir(parents=True, exist_ok=True)
         rows: list[_Row] = []

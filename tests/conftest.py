@@ -9,6 +9,10 @@
   (a fresh bucket anonymous clients may write), ``s3.client`` (boto3).
 - ``s3_env``: ``s3`` with its ``env()`` applied to ``os.environ`` for one test.
 
+The server runs in this process and keeps its buckets in moto's process-wide backends: do not
+use ``moto.mock_aws`` in the same session (starting it resets those backends, emptying ``s3``);
+use ``s3.make_bucket()`` for a bucket of your own.
+
 No test reaches real AWS: for the whole session the environment has no credentials, no
 endpoint, no profile and no instance-metadata lookups, and it is restored afterwards.
 """

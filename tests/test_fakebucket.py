@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from oistream import sources
+from oistream.errors import OistreamError
 from oistream.fakebucket import (
     DISTRACTOR_MIDS,
     FAKE_CLASSES,
@@ -25,6 +26,7 @@ from oistream.fakebucket import (
     make_fake_bucket,
     mask_size,
 )
+from oistream.s3server import LocalS3
 
 HEADER = b"MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks\n"
 HEX = "0123456789abcdef"
@@ -253,6 +255,20 @@ def test_zip64_on_request_for_train(tmp_path: Path) -> None:
             assert zf.namelist() and zf.testzip() is None
 
 
+def test_zipfiles_own_zip64_records_are_kept_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stand-in for a >65,535-member zip: zipfile writes Zip64 records itself past this limit.
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)
+    make_fake_bucket(tmp_path, images=16, image_size=48, zip64=True, splits=("train",))
+    monkeypatch.undo()
+    for prefix in HEX:
+        path = zip_path(tmp_path, "train", prefix)
+        assert path.read_bytes().count(b"PK\x06\x07") == 1
+        with zipfile.ZipFile(path) as zf:
+            assert zf.testzip() is None
+
+
 def test_same_arguments_give_the_same_bytes(tmp_path: Path) -> None:
     args = {"images": 10, "image_size": 64, "seed": 3}
     make_fake_bucket(tmp_path / "a", **args)
@@ -313,6 +329,11 @@ def test_environment_points_oistream_at_the_local_endpoint(s3_env) -> None:
     assert options["endpoint_url"] == s3_env.endpoint_url
     fs, path = sources.filesystem(s3_env.images_url, options)
     assert len(fs.ls(f"{path}/validation")) == 8
+
+
+def test_local_s3_refuses_a_busy_port(s3) -> None:
+    with pytest.raises(OistreamError, match="in use"):
+        LocalS3(port=s3.port).start()
 
 
 def test_source_buckets_are_read_only_and_scratch_buckets_writable(s3) -> None:
