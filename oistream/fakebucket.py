@@ -98,6 +98,8 @@ SMALL_MASK_EVERY = 6
 # Fixed zip member timestamp: byte-reproducible zips.
 _ZIP_DATE_TIME = (2019, 5, 1, 0, 0, 0)
 _MAX_INSTANCES = 6
+# An instance keeps its mask only if at least this share of its shape lies inside the image.
+_MIN_VISIBLE = 0.35
 
 
 def _round_half_up(value: float) -> int:
@@ -346,12 +348,18 @@ _CLASS_WEIGHTS = np.array([0.3, 0.22, 0.12, 0.14, 0.06, 0.05, 0.06, 0.05])
 
 
 def _paint(
-    draw: ImageDraw.ImageDraw, parts: list[_Part], sx: float, sy: float, fill: tuple | int | None
+    draw: ImageDraw.ImageDraw,
+    parts: list[_Part],
+    sx: float,
+    sy: float,
+    fill: tuple | int | None,
+    offset: tuple[float, float] = (0.0, 0.0),
 ) -> None:
-    """Draw ``parts`` scaled by (sx, sy); ``fill`` overrides every part's colour (masks)."""
+    """Draw ``parts`` scaled by (sx, sy), then shifted by ``offset``; ``fill`` overrides every
+    part's colour (masks)."""
     for kind, coords, colour, size in parts:
         ink = colour if fill is None else fill
-        xy = [v * (sx if i % 2 == 0 else sy) for i, v in enumerate(coords)]
+        xy = [v * (sx, sy)[i % 2] + offset[i % 2] for i, v in enumerate(coords)]
         width = max(1, _round_half_up(size * (sx + sy) / 2))
         if kind == "ellipse":
             draw.ellipse(xy, fill=ink)
@@ -367,6 +375,13 @@ def _paint(
             draw.ellipse(xy, outline=ink, width=width)
         else:  # pragma: no cover - a typo in a drawer
             raise ValueError(kind)
+
+
+def _full_area(parts: list[_Part], sx: float, sy: float, mw: int, mh: int) -> int:
+    """Pixels of the whole shape, parts off the mask's frame included (on a 3x canvas)."""
+    canvas = Image.new("L", (3 * mw, 3 * mh), 0)
+    _paint(ImageDraw.Draw(canvas), parts, sx, sy, fill=255, offset=(mw, mh))
+    return int(np.count_nonzero(np.asarray(canvas)))
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -482,8 +497,8 @@ def _render_scene(seed: Sequence[int], index: int, long_side: int) -> _Scene:
         mask_image = Image.new("L", (mw, mh), 0)
         _paint(ImageDraw.Draw(mask_image), parts, mw / width, mh / height, fill=255)
         mask = np.asarray(mask_image) > 0
-        if mask.sum() < 4:  # drawn (almost) off the image: no annotator would have masked it
-            continue
+        if mask.sum() < _MIN_VISIBLE * _full_area(parts, mw / width, mh / height, mw, mh):
+            continue  # mostly off the image: a sliver no annotator would have masked
         _paint(draw, parts, 1.0, 1.0, fill=None)
         centres.append((cx, cy, 0.12 * max(width, height)))
         iou = "" if rng.random() < 0.1 else f"{rng.uniform(0.45, 0.98):.5f}"
