@@ -1,0 +1,302 @@
+"""Loader throughput: ShardDataset against a folder-of-files Dataset and the decode limit.
+
+Data: a fake bucket (``oistream.fakebucket``, realistic scenes, masks at 1600/1024 of the image
+size as 1-bit and 8-bit PNGs) at 1k and 10k train images, laid out twice from the same bytes:
+
+* format-v1 shards (``{id}.jpg``, ``{id}.json``, ``{id}.NNN.mask.png``), 1000 samples each;
+* the layout people get by unzipping Open Images: ``images/{ImageID}.jpg`` and one flat
+  ``masks/`` folder of ``{ImageID}_{MID}_{BoxID}.png``.
+
+Measured, one process, no DataLoader workers, files in the page cache (written just before):
+
+* ours: ``ShardDataset(shards, shuffle=1000, train=False)`` (no random flip: the baselines do
+  not augment either);
+* (i) matterport-style ``Dataset``: per image, glob its masks in the mask folder, read each PNG,
+  Pillow-resize it to the image (NEAREST), the Mask R-CNN samples' numpy occlusion loop over an
+  (H, W, N) array, boxes from masks; the same torchvision targets;
+* (ii) the decode limit: only the JPEG and PNG decodes of the same bytes, held in memory, with
+  the decoders the loader uses (torchvision's JPEG decoder, Pillow for the masks).
+
+Printed: samples/s and ms/sample of each, ours/(ii) (mark >= 0.8), ours/(i) at 1k and 10k, and
+the per-sample cost at 10k over that at 1k for ours and (i).
+
+Run: ``.venv/bin/python benchmarks/loader.py [--sizes 1000 10000] [--image-size 512]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import webdataset as wds
+from PIL import Image
+
+from oistream.fakebucket import FAKE_CLASSES, SCENE_MIDS, make_fake_bucket
+from oistream.loader import ShardDataset, decode_image
+from oistream.masks import decode_mask_png, warm_up
+
+# Classes as a manifest would number them: every class drawn in the fake scenes.
+CLASS_INDEX = {mid: i for i, mid in enumerate(SCENE_MIDS, start=1)}
+# Mask file names carry the MID without its slashes: {ImageID}_{m01g317}_{BoxID}.png
+FILE_LABEL_INDEX = {mid.replace("/", ""): i for mid, i in CLASS_INDEX.items()}
+SAMPLES_PER_SHARD = 1000
+BOX_COLUMNS = ("BoxXMin", "BoxYMin", "BoxXMax", "BoxYMax")
+SHUFFLE = 1000
+
+
+# --- Data --------------------------------------------------------------------------------------
+
+
+def _bucket_rows(bucket: Path, split: str = "train") -> pd.DataFrame:
+    csv = bucket / "openimages" / "v5" / f"{split}-annotations-object-segmentation.csv"
+    return pd.read_csv(csv, dtype=str, keep_default_na=False)
+
+
+def _mask_bytes(bucket: Path, split: str = "train") -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    for path in sorted((bucket / "openimages" / "v5" / f"{split}-masks").glob("*.zip")):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                members[name] = archive.read(name)
+    return members
+
+
+def write_layouts(bucket: Path, shards: Path, folder: Path, split: str = "train") -> int:
+    """The bucket's train split as format-v1 shards and as an unzipped folder; return images."""
+    rows = _bucket_rows(bucket, split)
+    masks = _mask_bytes(bucket, split)
+    image_dir = bucket / "open-images-dataset" / split
+    image_ids = sorted(p.stem for p in image_dir.glob("*.jpg"))
+    by_image = {image_id: group for image_id, group in rows.groupby("ImageID", sort=False)}
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    shards.mkdir(parents=True)
+    shard_records = []
+    writer = None
+    for position, image_id in enumerate(image_ids):
+        if position % SAMPLES_PER_SHARD == 0:
+            if writer is not None:
+                writer.close()
+            name = f"{split}-{position // SAMPLES_PER_SHARD:06d}.tar"
+            writer = wds.TarWriter(str(shards / name), encoder=False, mtime=946_684_800)
+            shard_records.append({"name": name, "samples": 0, "instances": 0})
+        jpeg = (image_dir / f"{image_id}.jpg").read_bytes()
+        with Image.open(image_dir / f"{image_id}.jpg") as probe:
+            width, height = probe.size
+        fields = {"jpg": jpeg}
+        instances = []
+        group = by_image.get(image_id)
+        for k, row in enumerate([] if group is None else group.itertuples()):
+            png = masks[row.MaskPath]
+            fields[f"{k:03d}.mask.png"] = png
+            (folder / "masks" / row.MaskPath).write_bytes(png)
+            instances.append(
+                {
+                    "mask": f"{k:03d}.mask.png",
+                    "mask_path": row.MaskPath,
+                    "label": row.LabelName,
+                    "class_index": CLASS_INDEX[row.LabelName],
+                    "box_id": row.BoxID,
+                    "box": [float(getattr(row, c)) for c in BOX_COLUMNS],
+                    "predicted_iou": float(row.PredictedIoU) if row.PredictedIoU else None,
+                    "clicks": [],
+                }
+            )
+        record = {"image_id": image_id, "split": split, "width": width, "height": height}
+        fields["json"] = json.dumps({**record, "instances": instances}).encode()
+        writer.write({"__key__": image_id, **fields})
+        (folder / "images" / f"{image_id}.jpg").write_bytes(jpeg)
+        shard_records[-1]["samples"] += 1
+        shard_records[-1]["instances"] += len(instances)
+    writer.close()
+    classes = [{"index": 0, "mid": "", "name": "background"}]
+    names = dict(FAKE_CLASSES)
+    classes += [{"index": i, "mid": mid, "name": names[mid]} for mid, i in CLASS_INDEX.items()]
+    manifest = {"format_version": 1, "split": split, "classes": classes, "shards": shard_records}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return len(image_ids)
+
+
+# --- (i) the folder-of-files Dataset ------------------------------------------------------------
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """The usual Mask R-CNN ``Dataset`` over unzipped Open Images (matterport's pattern)."""
+
+    def __init__(self, root: Path) -> None:
+        self.image_dir = root / "images"
+        self.mask_dir = root / "masks"
+        self.image_ids = sorted(name[:-4] for name in os.listdir(self.image_dir))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id = self.image_ids[index]
+        image = np.array(Image.open(self.image_dir / f"{image_id}.jpg").convert("RGB"))
+        height, width = image.shape[:2]
+        mask_files = sorted(glob.glob(os.path.join(self.mask_dir, f"{image_id}_*.png")))
+        count = len(mask_files)
+        mask = np.zeros((height, width, count), np.uint8)
+        labels = []
+        for i, path in enumerate(mask_files):
+            resized = Image.open(path).resize((width, height), Image.NEAREST)
+            mask[:, :, i] = np.asarray(resized) != 0
+            labels.append(FILE_LABEL_INDEX[os.path.basename(path).split("_")[1]])
+        if count:  # the Mask R-CNN samples' occlusion handling
+            occlusion = np.logical_not(mask[:, :, -1]).astype(np.uint8)
+            for i in range(count - 2, -1, -1):
+                mask[:, :, i] = mask[:, :, i] * occlusion
+                occlusion = np.logical_and(occlusion, np.logical_not(mask[:, :, i]))
+        boxes, kept = [], []
+        for i in range(count):  # matterport's extract_bboxes, half-open
+            columns = np.where(np.any(mask[:, :, i], axis=0))[0]
+            rows = np.where(np.any(mask[:, :, i], axis=1))[0]
+            if columns.size:
+                boxes.append([columns[0], rows[0], columns[-1] + 1, rows[-1] + 1])
+                kept.append(i)
+        masks = torch.from_numpy(np.ascontiguousarray(mask[:, :, kept].transpose(2, 0, 1)))
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+            "masks": masks,
+            "area": masks.flatten(1).sum(1).float(),
+            "iscrowd": torch.zeros(len(kept), dtype=torch.int64),
+        }
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), target
+
+
+# --- (ii) the decode limit ----------------------------------------------------------------------
+
+
+def encoded_samples(shards: Path) -> list[tuple[bytes, list[bytes]]]:
+    """(JPEG, [mask PNG, ...]) of every sample, in memory."""
+    samples = []
+    for url in sorted(glob.glob(str(shards / "*.tar"))):
+        for sample in wds.WebDataset(url, shardshuffle=False):
+            pngs = [sample[k] for k in sorted(sample) if k.endswith(".mask.png")]
+            samples.append((sample["jpg"], pngs))
+    return samples
+
+
+def decode_only(samples: list[tuple[bytes, list[bytes]]]) -> Iterator[int]:
+    for jpeg, pngs in samples:
+        decode_image(jpeg)
+        for png in pngs:
+            decode_mask_png(png)
+        yield 1
+
+
+# --- Timing -------------------------------------------------------------------------------------
+
+
+def cpu_ms_per_sample(items: Iterable, expected: int) -> float:
+    """Milliseconds of this process's CPU time per item (user + system).
+
+    CPU time rather than wall time: this machine is shared, and other people's processes
+    would otherwise be billed to whichever contender ran while they were busy. Everything
+    measured is single-threaded (torch is set to one thread), so CPU time is the work done.
+    """
+    started = time.process_time()
+    count = sum(1 for _ in items)
+    elapsed = time.process_time() - started
+    if count != expected:
+        raise RuntimeError(f"expected {expected} samples, got {count}")
+    return elapsed / count * 1000
+
+
+def prepare(size: int, image_size: int, scenes: int, work: Path) -> Path:
+    root = work / f"n{size}"
+    make_fake_bucket(
+        root / "bucket",
+        images=size,
+        image_size=image_size,
+        distinct_scenes=scenes,
+        splits=("train",),
+    )
+    write_layouts(root / "bucket", root / "shards", root / "folder")
+    shutil.rmtree(root / "bucket")
+    return root
+
+
+def measure(root: Path, rounds: int, subset: int, seed: int) -> dict[str, float]:
+    """Best (lowest) ms/sample over ``rounds`` interleaved rounds of the three contenders.
+
+    ours reads every sample; (i) and (ii) read ``subset`` samples picked at random (their
+    per-sample cost is what is compared; (i)'s depends on the folder's size, not the subset's).
+    """
+    dataset = ShardDataset(root / "shards", shuffle=SHUFFLE, train=False)
+    total = dataset.num_samples
+    folder = FolderDataset(root / "folder")
+    picked = np.random.default_rng(seed).permutation(total)[: min(subset, total)]
+    encoded = encoded_samples(root / "shards")
+    encoded = [encoded[i] for i in picked]
+    best = {"ours": math.inf, "folder": math.inf, "decode": math.inf}
+    for _ in range(rounds):
+        best["ours"] = min(best["ours"], cpu_ms_per_sample(dataset, total))
+        folder_items = (folder[int(i)] for i in picked)
+        best["folder"] = min(best["folder"], cpu_ms_per_sample(folder_items, len(picked)))
+        best["decode"] = min(best["decode"], cpu_ms_per_sample(decode_only(encoded), len(picked)))
+    return {"images": total, **best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--image-size", type=int, default=512, help="long side in pixels")
+    parser.add_argument("--scenes", type=int, default=200, help="distinct scenes rendered")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best is kept")
+    parser.add_argument("--subset", type=int, default=1000, help="samples timed for (i), (ii)")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one process, one core: what a DataLoader worker gets
+    warm_up()
+    work = Path(args.work or tempfile.mkdtemp(prefix="oistream-bench-"))
+    results = {}
+    try:
+        for size in args.sizes:
+            root = prepare(size, args.image_size, args.scenes, work)
+            f = results[size] = measure(root, args.rounds, args.subset, seed=size)
+            shutil.rmtree(root, ignore_errors=True)
+            print(
+                f"{f['images']:>6} images, long side {args.image_size}px, ms of CPU per sample "
+                f"(samples/s): ours {f['ours']:.2f} ({1000 / f['ours']:.0f}/s) | "
+                f"(i) folder Dataset {f['folder']:.2f} ({1000 / f['folder']:.0f}/s) | "
+                f"(ii) decode only {f['decode']:.2f} ({1000 / f['decode']:.0f}/s)",
+                flush=True,
+            )
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    for size, f in results.items():
+        ratio = f["decode"] / f["ours"]
+        mark = "meets >= 0.8" if ratio >= 0.8 else "BELOW 0.8"
+        print(
+            f"{size:>6}: ours/(ii) decode limit = {ratio:.2f} ({mark}); "
+            f"ours/(i) folder Dataset = {f['folder'] / f['ours']:.2f}x"
+        )
+    if len(results) >= 2:
+        small, large = min(results), max(results)
+        for name, label in (("ours", "ours"), ("folder", "(i)")):
+            cost_small, cost_large = results[small][name], results[large][name]
+            print(
+                f"per-sample cost {label}: {cost_small:.2f} ms at {small} -> "
+                f"{cost_large:.2f} ms at {large} ({cost_large / cost_small:.2f}x)"
+            )
+
+
+if __name__ == "__main__":
+    main()
