@@ -54,7 +54,9 @@ async def _locate(
         url = sources.mask_zip_url(metadata_root, split, prefix)
         async with gate:
             try:
-                directory = await read_central_directory(fetcher, fs, fs._strip_protocol(url))
+                directory = await read_central_directory(
+                    fetcher, fs, fs._strip_protocol(url), wanted=names
+                )
             except MissingObject:
                 result.zip_errors[prefix] = f"mask zip {url} is missing"
                 return
@@ -63,10 +65,7 @@ async def _locate(
             except Exception as error:  # a malformed zip: its masks fail, the others go on
                 result.zip_errors[prefix] = f"mask zip {url} is unreadable: {error}"
                 return
-            for name in names:
-                member = directory.get(name)
-                if member is not None:
-                    result.members[name] = member
+            result.members.update(directory)
 
     try:
         await asyncio.gather(*(read_one(p, n) for p, n in sorted(wanted.items())))

@@ -105,7 +105,9 @@ def run_shard(
 
     if todo:
         _check_images_reachable(plan, images, images_options)
-        located = locate_members(plan, metadata, metadata_options)
+        images_read, images_read_options = sources.reading_location(images, images_options)
+        metadata_read, metadata_read_options = sources.reading_location(metadata, metadata_options)
+        located = locate_members(plan, metadata_read, metadata_read_options)
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
         report.requests += located.requests
@@ -124,11 +126,11 @@ def run_shard(
         ]
         context = JobContext(
             split=split,
-            images_root=images,
-            metadata_root=metadata,
+            images_root=images_read,
+            metadata_root=metadata_read,
             out_url=out,
-            images_options=images_options,
-            metadata_options=metadata_options,
+            images_options=images_read_options,
+            metadata_options=metadata_read_options,
             out_options=out_options,
             concurrency=concurrency,
         )

@@ -106,6 +106,32 @@ def filesystem(
     return fs, fs._strip_protocol(url)
 
 
+async def http_client(**kwargs: Any) -> Any:
+    """An aiohttp session without aiohttp's default cap of 100 connections per session."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, **kwargs)
+
+
+def reading_location(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where to read ``url`` from in bulk: anonymous S3 objects as plain HTTP(S) GETs.
+
+    An unsigned S3 GET is an ordinary HTTP request. fsspec's HTTP filesystem (aiohttp) spends
+    about a fifth of the CPU per request that s3fs/aiobotocore does (0.13 ms against 0.70 ms
+    here), and with hundreds of requests in flight that CPU is the bottleneck. Signed access
+    (credentials present) stays on s3fs.
+    """
+    protocol, path = fsspec.core.split_protocol(url)
+    if protocol not in ("s3", "s3a") or not options.get("anon"):
+        return url, options
+    bucket, _, key = path.partition("/")
+    endpoint = options.get("endpoint_url")
+    # Path style on a custom endpoint (moto, MinIO, nginx); virtual-host style on AWS itself.
+    base = f"{endpoint.rstrip('/')}/{bucket}" if endpoint else f"https://{bucket}.s3.amazonaws.com"
+    return (join(base, key) if key else base), {"get_client": http_client}
+
+
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 
