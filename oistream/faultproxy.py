@@ -126,7 +126,10 @@ class _ProxyServer:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
         server = web.Server(self.handle, access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
+        # A test proxy need not wait for slow requests to finish when it stops.
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, access_log=None, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.config.port, backlog=1024)
         await site.start()

@@ -1,0 +1,457 @@
+"""Concurrent, retrying byte fetches over fsspec filesystems, from one event loop.
+
+The shard job keeps hundreds of range requests in flight against object storage. Throttling
+(503 SlowDown, 429), other 5xx answers, dropped connections and short bodies are routine at that
+rate, so every request goes through one retry loop with exponential backoff and full jitter, and
+every failure is classified once, here: *missing* (404 / NoSuchKey: never retried, raised as
+``MissingObject``), *transient* (retried) or *fatal* (raised as ``FetchError`` at once).
+
+The ``Fetcher`` is the only retry layer: s3fs and botocore retry on their own (up to 5 x 5
+attempts with sleeps of seconds), which would hide faults from our counters and turn a dead
+endpoint into minutes of waiting, so the fetcher switches those inner retries off on every
+s3fs filesystem it is given (``sole_retry_layer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import http.client
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+import botocore.exceptions
+import botocore.parsers
+from fsspec.exceptions import FSTimeoutError
+
+T = TypeVar("T")
+
+Verdict = Literal["missing", "transient", "fatal"]
+
+# Status codes and S3 error codes worth another attempt: throttling, server trouble, timeouts.
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "OperationAborted",
+    }
+)
+_MISSING_STATUSES = frozenset({404, 410})
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "NotFound", "404"})
+# errno values s3fs uses for throttling/5xx (EBUSY, EREMOTEIO) and the usual socket troubles.
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EBUSY,
+        getattr(errno, "EREMOTEIO", errno.EIO),
+        errno.EIO,
+        errno.EAGAIN,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.EPIPE,
+    }
+)
+# Transport-level failures: the request may well succeed on a fresh connection.
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+    asyncio.TimeoutError,
+    TimeoutError,
+    ConnectionError,
+    FSTimeoutError,
+    http.client.IncompleteRead,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.parsers.ResponseParserError,
+)
+# Subclasses of the transient types above that no retry can fix.
+_FATAL_TYPES: tuple[type[BaseException], ...] = (
+    aiohttp.ClientSSLError,
+    aiohttp.InvalidURL,
+    botocore.exceptions.SSLError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently one request is tried.
+
+    Attempt ``k`` (k >= 1) waits ``uniform(0, min(max_delay, base_delay * 2**(k-1)))`` first
+    ("full jitter"), so throttled clients spread out instead of retrying in lockstep. Each
+    attempt is cut off after ``timeout`` seconds, so a stalled server cannot hang a run.
+    """
+
+    attempts: int = 8
+    base_delay: float = 0.05
+    max_delay: float = 5.0
+    timeout: float = 120.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+class FetchError(Exception):
+    """A request that failed for good: after all attempts, or at once for a fatal answer.
+
+    ``url`` is the path asked for, ``status``/``code`` the HTTP status and S3 error code when the
+    server gave one (``None`` otherwise), ``attempts`` how many requests were made.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str = "",
+        status: int | None = None,
+        code: str | None = None,
+        attempts: int = 0,
+    ):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.code = code
+        self.attempts = attempts
+
+
+class MissingObject(FetchError):
+    """The object (or a zip member) does not exist: 404, NoSuchKey, FileNotFoundError."""
+
+
+@dataclass
+class FetchStats:
+    """Counters of one ``Fetcher``; updated from its event loop only.
+
+    ``requests`` counts attempts (HTTP requests made), ``retries`` the attempts after a first,
+    ``bytes`` the bytes handed back to callers, ``failures`` the calls that ended in an error
+    (``missing`` of them ``MissingObject``), ``throttled`` the 503/429/SlowDown answers seen.
+    ``mean_in_flight`` is the time-weighted mean number of requests in flight between the first
+    request's start and the last one's end.
+    """
+
+    requests: int = 0
+    retries: int = 0
+    bytes: int = 0
+    failures: int = 0
+    missing: int = 0
+    throttled: int = 0
+    max_in_flight: int = 0
+    in_flight: int = 0
+    in_flight_seconds: float = 0.0  # integral of the in-flight count over wall time
+    first_start: float | None = None
+    last_end: float | None = None
+    _last_change: float = field(default=0.0, repr=False)
+
+    @property
+    def busy_seconds(self) -> float:
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return self.last_end - self.first_start
+
+    @property
+    def mean_in_flight(self) -> float:
+        busy = self.busy_seconds
+        return self.in_flight_seconds / busy if busy > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        out["mean_in_flight"] = self.mean_in_flight
+        out["busy_seconds"] = self.busy_seconds
+        return out
+
+    def _request_started(self) -> None:
+        now = time.perf_counter()
+        if self.first_start is None:
+            self.first_start = now
+            self._last_change = now
+        self.in_flight_seconds += self.in_flight * (now - self._last_change)
+        self._last_change = now
+        self.in_flight += 1
+        self.requests += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _request_ended(self) -> None:
+        now = time.perf_counter()
+        self.in_flight_seconds += self.in_flight * (now - self._last_change)
+        self._last_change = now
+        self.in_flight -= 1
+        self.last_end = now
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it: explicit causes, and implicit context unless suppressed."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif not current.__suppress_context__:
+            current = current.__context__
+        else:
+            current = None
+
+
+def http_status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    """The HTTP status and S3 error code behind ``exc``, looking through wrapped causes.
+
+    s3fs turns botocore's ``ClientError`` into ``OSError``/``FileNotFoundError`` with the original
+    as ``__cause__``; fsspec's HTTP filesystem raises aiohttp's ``ClientResponseError``.
+    """
+    for error in _exception_chain(exc):
+        if isinstance(error, botocore.exceptions.ClientError):
+            response = error.response or {}
+            code = response.get("Error", {}).get("Code") or None
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status is None and code and code.isdigit():
+                status = int(code)
+            return status, code
+        if isinstance(error, aiohttp.ClientResponseError):
+            return error.status, None
+    return None, None
+
+
+def classify_error(exc: BaseException) -> Verdict | None:
+    """``missing``, ``transient`` or ``fatal`` for errors of storage access; ``None`` otherwise.
+
+    The HTTP status or S3 code decides when there is one anywhere in the chain of causes.
+    Otherwise the first cause that is a known transport failure decides, looking past
+    ``FileNotFoundError``: fsspec's HTTP filesystem reports *any* failed HEAD+GET in ``_info``
+    as ``FileNotFoundError`` (a reset connection included), so it only means "missing" when
+    nothing more specific caused it. ``None`` means the exception is not an I/O failure at all
+    (a bug, a bad argument): the fetcher lets it propagate instead of dressing it up.
+    """
+    status, code = http_status_and_code(exc)
+    if code in _MISSING_CODES or status in _MISSING_STATUSES:
+        return "missing"
+    if code in _TRANSIENT_CODES or status in _TRANSIENT_STATUSES:
+        return "transient"
+    if status is not None:
+        return "fatal"  # 400, 403, 416...: the same request will get the same answer
+    for error in _exception_chain(exc):
+        if isinstance(error, FileNotFoundError):
+            continue
+        verdict = _classify_one(error)
+        if verdict is not None:
+            return verdict
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    return None
+
+
+def _classify_one(error: BaseException) -> Verdict | None:
+    if isinstance(error, _FATAL_TYPES):
+        return "fatal"
+    if isinstance(error, _TRANSIENT_TYPES):
+        return "transient"
+    if isinstance(error, OSError):
+        return "transient" if error.errno in _TRANSIENT_ERRNOS else "fatal"
+    if isinstance(error, (aiohttp.ClientError, botocore.exceptions.BotoCoreError)):
+        return "fatal"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    status, code = http_status_and_code(exc)
+    prefix = " ".join(str(part) for part in (status, code) if part is not None)
+    text = str(exc) or type(exc).__name__
+    return f"{prefix}: {text}" if prefix else f"{type(exc).__name__}: {text}"
+
+
+def _is_throttle(exc: BaseException) -> bool:
+    status, code = http_status_and_code(exc)
+    return status in (429, 503) or code in ("SlowDown", "Throttling", "ThrottlingException")
+
+
+def _is_s3(fs: Any) -> bool:
+    return getattr(fs, "protocol", None) in (("s3", "s3a"), "s3", "s3a")
+
+
+def sole_retry_layer(fs: Any) -> None:
+    """Switch off s3fs's and botocore's own retries on ``fs`` so the Fetcher's are the only ones.
+
+    botocore reads its retry configuration when s3fs first opens its client, so this works on
+    a filesystem that has not made a request yet (as ``sources.filesystem`` returns it);
+    s3fs's own retry count is honoured at any time. Other filesystems are left alone.
+    """
+    if not _is_s3(fs):
+        return
+    fs.retries = 1
+    if getattr(fs, "_s3", None) is None:
+        config = dict(getattr(fs, "config_kwargs", {}) or {})
+        if config.get("retries") != {"total_max_attempts": 1, "mode": "standard"}:
+            config["retries"] = {"total_max_attempts": 1, "mode": "standard"}
+            fs.config_kwargs = config
+
+
+class Fetcher:
+    """Async, bounded-concurrency byte fetcher for one event loop.
+
+    At most ``concurrency`` requests are in flight at a time (a semaphore, released while a
+    request waits to retry). Callers bound memory by how much they ask for at once: the
+    fetcher itself buffers nothing beyond the responses it is returning.
+    """
+
+    def __init__(self, concurrency: int = 256, retry: RetryPolicy = RetryPolicy()):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if retry.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        self.concurrency = concurrency
+        self.retry = retry
+        self.stats = FetchStats()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._rng = random.Random()
+
+    async def cat(
+        self, fs: Any, path: str, start: int | None = None, end: int | None = None
+    ) -> bytes:
+        """Bytes ``[start, end)`` of ``path`` (the whole object when both are ``None``).
+
+        A body shorter than the range asked for is retried, unless the object really ends
+        there (checked with one metadata request); a body longer than the range means the
+        server ignored ``Range`` and is an error, since it just sent the whole object.
+        """
+        if start is not None and end is not None and start >= 0 and end <= start:
+            return b""
+        expected = None
+        if start is not None and start >= 0 and end is not None and end >= 0:
+            expected = end - start
+
+        sole_retry_layer(fs)
+
+        # s3fs asks for the size (a HEAD) before a whole-object GET, to split big objects into
+        # parallel parts; one GET per image is what we want.
+        options = {"max_concurrency": 1} if start is None and end is None and _is_s3(fs) else {}
+
+        async def attempt() -> bytes:
+            if getattr(fs, "async_impl", False):
+                data = await fs._cat_file(path, start=start, end=end, **options)
+            else:  # local paths: the ordinary filesystem, off the event loop
+                data = await asyncio.to_thread(fs.cat_file, path, start=start, end=end)
+            if expected is not None and len(data) != expected:
+                return await self._check_length(fs, path, start or 0, expected, data)
+            return data
+
+        data = await self._run("GET", path, attempt)
+        self.stats.bytes += len(data)
+        return data
+
+    async def info(self, fs: Any, path: str) -> dict[str, Any]:
+        """Metadata of ``path``: ``size``, and ``ETag`` where the store has one."""
+
+        sole_retry_layer(fs)
+
+        async def attempt() -> dict[str, Any]:
+            if getattr(fs, "async_impl", False):
+                return await fs._info(path)
+            return await asyncio.to_thread(fs.info, path)
+
+        return await self._run("HEAD", path, attempt)
+
+    async def size(self, fs: Any, path: str) -> int:
+        info = await self.info(fs, path)
+        if info.get("size") is None:
+            raise FetchError(f"HEAD {path}: the server reports no size", url=path)
+        return int(info["size"])
+
+    async def _check_length(
+        self, fs: Any, path: str, start: int, expected: int, data: bytes
+    ) -> bytes:
+        if len(data) > expected:
+            raise _RangeIgnored(
+                f"asked for {expected} bytes from offset {start}, got {len(data)}: "
+                "the server ignored the Range header"
+            )
+        if getattr(fs, "async_impl", False):
+            info = await fs._info(path)
+        else:
+            info = await asyncio.to_thread(fs.info, path)
+        if info.get("size") is not None and start + len(data) == int(info["size"]):
+            return data  # the range ran past the end of the object: nothing is missing
+        raise _ShortRead(
+            f"short read: asked for {expected} bytes from offset {start}, got {len(data)}"
+        )
+
+    async def _run(self, method: str, path: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        policy = self.retry
+        last_error: BaseException | None = None
+        last_reason = ""
+        for number in range(1, policy.attempts + 1):
+            if number > 1:
+                self.stats.retries += 1
+                # Wait outside the semaphore: a backing-off request must not hold a slot.
+                await asyncio.sleep(policy.delay(number - 1, self._rng))
+            async with self._slots:
+                self.stats._request_started()
+                try:
+                    return await asyncio.wait_for(attempt(), policy.timeout)
+                except _ShortRead as exc:
+                    last_error, last_reason = exc, str(exc)
+                    continue
+                except _RangeIgnored as exc:
+                    self._count_failure(missing=False)
+                    raise FetchError(f"{method} {path}: {exc}", url=path, attempts=number) from exc
+                except Exception as exc:
+                    verdict = classify_error(exc)
+                    if verdict is None:  # not an I/O failure: a bug, let it show as itself
+                        self._count_failure(missing=False)
+                        raise
+                    if verdict == "transient":
+                        if _is_throttle(exc):
+                            self.stats.throttled += 1
+                        last_error, last_reason = exc, _describe(exc)
+                        continue
+                    self._count_failure(missing=verdict == "missing")
+                    status, code = http_status_and_code(exc)
+                    kind = MissingObject if verdict == "missing" else FetchError
+                    what = (
+                        f"not found ({_describe(exc)})" if verdict == "missing" else _describe(exc)
+                    )
+                    raise kind(
+                        f"{method} {path}: {what}",
+                        url=path,
+                        status=status,
+                        code=code,
+                        attempts=number,
+                    ) from exc
+                finally:
+                    self.stats._request_ended()
+        self._count_failure(missing=False)
+        status, code = http_status_and_code(last_error) if last_error else (None, None)
+        raise FetchError(
+            f"{method} {path}: gave up after {policy.attempts} attempts, last: {last_reason}",
+            url=path,
+            status=status,
+            code=code,
+            attempts=policy.attempts,
+        ) from last_error
+
+    def _count_failure(self, *, missing: bool) -> None:
+        self.stats.failures += 1
+        if missing:
+            self.stats.missing += 1
+
+
+class _ShortRead(Exception):
+    """A body shorter than the range asked for, with the object longer than that: retried."""
+
+
+class _RangeIgnored(Exception):
+    """A body longer than the range asked for: the server does not honour ``Range``."""
