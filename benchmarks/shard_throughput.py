@@ -1,0 +1,345 @@
+"""Images/s of `oistream shard` and of the usual whole-zip method, 100 ms away (issue 3).
+
+The fake bucket (94,000 train images by default, the one ``shard_bytes.py`` builds) is served by
+nginx; a proxy in front of it adds ``--latency`` (default 0.1 s) to every request and counts the
+requests in flight. On a 1% and a 20% subset (``--max-images``, classes Person, Car, Traffic
+light, Traffic sign) two commands are timed from start to exit, each in its own process:
+
+* ours: ``python -m oistream shard ... --concurrency N --quiet`` (default concurrency 256 and
+  the default local processes);
+* the usual method, as FiftyOne, the ``openimages`` package and shared scripts do it: boto3
+  (anonymous, path-style, the proxy as endpoint) in a pool of 20 threads; the segmentation CSV
+  read whole with pandas and filtered; every touched mask zip downloaded whole to disk (one GET
+  each, streamed) and opened with ``zipfile`` to extract the selected members; one whole-object
+  GET per image; the same samples written to tars of the same layout (``tarfile``). Zips and
+  images share the pool and overlap, which favours the baseline. It gets the image IDs our run
+  selected (read from our shards), so both produce the same samples; their image and mask
+  bytes are compared.
+
+Printed per subset: images/s of both, the ratio (marks: >= 5 on 1%, >= 2 on 20%), the CPU
+seconds each command used, and our mean requests in flight measured at the proxy while images
+were fetched, against the configured concurrency (mark: >= half). The proxy's own overhead is
+measured first (small GETs/s straight to nginx and through it, no latency).
+
+Run: ``.venv/bin/python benchmarks/shard_throughput.py [--latency 0.1] [--concurrency 256]``
+(needs nginx: ``apt-get install nginx-light``; takes about five minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import _servers
+from _servers import format_bytes, verdict
+
+IMAGES_BUCKET = "open-images-dataset"
+METADATA_BUCKET = "openimages"
+SPLIT = "train"
+BASELINE_THREADS = 20
+MARKS = {0.01: 5.0, 0.20: 2.0}
+# Environment variables that would make either client sign requests instead of going anonymous.
+_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+@dataclass
+class Timed:
+    seconds: float
+    cpu_seconds: float  # user + system of the command and its children
+    output: str
+
+
+def run_timed(command: list[str], env: dict[str, str], cwd: Path) -> Timed:
+    """Run ``command`` to completion; wall time from start to exit, CPU time of its tree."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command[:4])} ... exited {result.returncode}:\n{result.stderr[-3000:]}"
+        )
+    return Timed(seconds, cpu, result.stdout + result.stderr)
+
+
+def anonymous_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CREDENTIALS}
+    # A path that does not exist: no credentials file, so both clients stay anonymous.
+    nowhere = os.path.join(tempfile.gettempdir(), "oistream-bench-no-such-file")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = nowhere
+    return env
+
+
+def ours_command(endpoint: str, out: Path, max_images: int, args: argparse.Namespace) -> list[str]:
+    command = [sys.executable, "-m", "oistream", "shard", "--classes", *_servers.BENCH_CLASSES]
+    command += ["--split", SPLIT, "--out", str(out), "--max-images", str(max_images)]
+    command += ["--images", f"s3://{IMAGES_BUCKET}", "--metadata", f"s3://{METADATA_BUCKET}"]
+    command += ["--endpoint-url", endpoint, "--concurrency", str(args.concurrency), "--quiet"]
+    if args.processes:
+        command += ["--processes", str(args.processes)]
+    return command
+
+
+def sample_ids(out: Path) -> list[str]:
+    return [
+        json.loads(data)["image_id"]
+        for name, data in _servers.shard_members(out)
+        if name.endswith(".json")
+    ]
+
+
+def content_digests(out: Path) -> dict[str, str]:
+    """sha256 of each image and mask member, by member name: what both methods must agree on."""
+    return {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in _servers.shard_members(out)
+        if name.endswith((".jpg", ".mask.png"))
+    }
+
+
+def warm_page_cache(root: Path) -> None:
+    """Read the bucket once so that neither timed command pays for a cold disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The usual method (runs in its own process: `shard_throughput.py baseline ...`)
+
+
+def baseline_main(endpoint: str, ids_file: str, out: str, scratch: str, threads: int) -> None:
+    import io
+    import tarfile
+    import zipfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    import pandas as pd
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from PIL import Image
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(
+            signature_version=UNSIGNED,
+            s3={"addressing_style": "path"},
+            max_pool_connections=threads,
+        ),
+    )
+
+    def get(bucket: str, key: str) -> bytes:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    classes = pd.read_csv(
+        io.BytesIO(get(METADATA_BUCKET, "v7/oidv7-class-descriptions-boxable.csv"))
+    )
+    mids = classes.loc[classes["DisplayName"].isin(_servers.BENCH_CLASSES), "LabelName"].tolist()
+    csv_key = f"v5/{SPLIT}-annotations-object-segmentation.csv"
+    table = pd.read_csv(io.BytesIO(get(METADATA_BUCKET, csv_key)))
+    wanted = Path(ids_file).read_text().split()
+    rows = table[table["LabelName"].isin(mids) & table["ImageID"].isin(set(wanted))]
+    masks_by_prefix: dict[str, list[str]] = {}
+    for mask_path in rows["MaskPath"]:
+        masks_by_prefix.setdefault(mask_path[0], []).append(mask_path)
+
+    def zip_members(prefix: str) -> dict[str, bytes]:
+        """Download the whole zip to disk (one streamed GET), then read members locally."""
+        path = Path(scratch) / f"{SPLIT}-masks-{prefix}.zip"
+        body = s3.get_object(Bucket=METADATA_BUCKET, Key=f"v5/{SPLIT}-masks/{path.name}")["Body"]
+        with open(path, "wb") as f:
+            for chunk in body.iter_chunks(1 << 20):
+                f.write(chunk)
+        with zipfile.ZipFile(path) as archive:
+            return {name: archive.read(name) for name in masks_by_prefix[prefix]}
+
+    with ThreadPoolExecutor(threads) as pool:
+        zip_jobs = [pool.submit(zip_members, prefix) for prefix in sorted(masks_by_prefix)]
+        image_jobs = {
+            image_id: pool.submit(get, IMAGES_BUCKET, f"{SPLIT}/{image_id}.jpg")
+            for image_id in wanted
+        }
+        masks: dict[str, bytes] = {}
+        for job in zip_jobs:
+            masks.update(job.result())
+        images = {image_id: job.result() for image_id, job in image_jobs.items()}
+
+    class_index = {mid: i for i, mid in enumerate(mids, start=1)}
+    by_image = dict(iter(rows.groupby("ImageID", sort=False)))
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    # The same tars as ours (1000 samples each, same member names), with the standard library:
+    # the scripts do not use webdataset, whose import alone pulls in torch (~2 s here).
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for shard, start in enumerate(range(0, len(wanted), 1000)):
+        with tarfile.open(
+            f"{out}/{SPLIT}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT
+        ) as tar:
+            for image_id in wanted[start : start + 1000]:
+                jpeg = images[image_id]
+                width, height = Image.open(io.BytesIO(jpeg)).size
+                add(tar, f"{image_id}.jpg", jpeg)
+                instances = []
+                for k, row in enumerate(by_image[image_id].itertuples(index=False)):
+                    field = f"{k:03d}.mask.png"
+                    add(tar, f"{image_id}.{field}", masks[row.MaskPath])
+                    instances.append(
+                        {
+                            "mask": field,
+                            "mask_path": row.MaskPath,
+                            "label": row.LabelName,
+                            "class_index": class_index[row.LabelName],
+                            "box_id": row.BoxID,
+                            "box": [row.BoxXMin, row.BoxYMin, row.BoxXMax, row.BoxYMax],
+                        }
+                    )
+                record = {"image_id": image_id, "width": width, "height": height}
+                add(tar, f"{image_id}.json", json.dumps(record | {"instances": instances}).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=_servers.DEFAULT_WORKDIR)
+    parser.add_argument("--images", type=int, default=94_000, help="train images of the bucket")
+    parser.add_argument("--image-size", type=int, default=160, help="long side of the images")
+    parser.add_argument("--scenes", type=int, default=64, help="distinct scenes rendered")
+    parser.add_argument("--latency", type=float, default=0.1, help="seconds added per request")
+    parser.add_argument("--concurrency", type=int, default=256, help="ours: --concurrency")
+    parser.add_argument("--processes", type=int, default=None, help="ours: --processes")
+    parser.add_argument(
+        "--fractions", type=float, nargs="+", default=sorted(MARKS), help="subset sizes"
+    )
+    args = parser.parse_args()
+    _servers.raise_on_sigterm()
+    _servers.require_nginx()
+
+    bucket = _servers.cached_bucket(
+        args.workdir,
+        images=args.images,
+        image_size=args.image_size,
+        distinct_scenes=args.scenes,
+        zip64=True,
+    )
+    train_images = bucket["splits"][SPLIT]["images"]
+    print(
+        f"bucket: {bucket['root']} ({train_images} train images, "
+        f"{bucket['splits'][SPLIT]['instances']} masks in 16 zips, {args.image_size} px)"
+    )
+    warm_page_cache(Path(bucket["root"]))
+    env = anonymous_environment()
+    some_image = next((Path(bucket["images_root"]) / SPLIT).iterdir()).name
+    some_key = f"{IMAGES_BUCKET}/{SPLIT}/{some_image}"
+
+    with contextlib.ExitStack() as stack:
+        nginx = stack.enter_context(_servers.Nginx(bucket["root"]))
+        overhead = _servers.proxy_overhead(nginx.port, some_key)
+        print(
+            f"proxy overhead: {overhead['direct']:.0f} small GETs/s straight to nginx, "
+            f"{overhead['proxied']:.0f} through the proxy with no latency "
+            f"(one aiohttp client process, 64 connections; all share 2 cores)"
+        )
+        proxy = stack.enter_context(_servers.CountingProxy(nginx.port, latency=args.latency))
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.workdir)))
+        print(
+            f"latency {args.latency * 1000:.0f} ms per request; ours: --concurrency "
+            f"{args.concurrency} --processes {args.processes or 'default'}; usual method: "
+            f"boto3, {BASELINE_THREADS} threads\n"
+        )
+        for fraction in args.fractions:
+            max_images = max(1, round(fraction * train_images))
+            ours_out, base_out = work / f"ours-{fraction}", work / f"base-{fraction}"
+            proxy.reset(
+                watch=f"GET /{IMAGES_BUCKET}/".encode(),
+                kinds=[("images", f"GET /{IMAGES_BUCKET}/".encode())],
+            )
+            load = os.getloadavg()[0]
+            ours = run_timed(ours_command(proxy.url, ours_out, max_images, args), env, work)
+            ours_stats = proxy.stats()
+            ids = sample_ids(ours_out)
+            ids_file = work / f"ids-{fraction}.txt"
+            ids_file.write_text("\n".join(ids))
+            scratch = work / f"zips-{fraction}"
+            scratch.mkdir()
+            proxy.reset()
+            base = run_timed(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "baseline",
+                    proxy.url,
+                    str(ids_file),
+                    str(base_out),
+                    str(scratch),
+                    str(BASELINE_THREADS),
+                ],
+                env,
+                work,
+            )
+            base_stats = proxy.stats()
+            same = content_digests(ours_out) == content_digests(base_out)
+
+            ours_rate, base_rate = len(ids) / ours.seconds, len(ids) / base.seconds
+            ratio = ours_rate / base_rate
+            mark = MARKS.get(fraction)
+            in_flight = ours_stats.watched_mean_in_flight or 0.0
+            print(
+                f"subset {fraction:.0%}: --max-images {max_images} -> {len(ids)} images "
+                f"(load average before: {load:.1f} on {os.cpu_count()} cores)"
+            )
+            print(
+                f"  ours:         {ours.seconds:6.1f} s  {ours_rate:7.1f} images/s  "
+                f"CPU {ours.cpu_seconds:5.1f} s  {ours_stats.requests} requests, "
+                f"{format_bytes(ours_stats.bytes_down)}"
+            )
+            print(
+                f"  usual method: {base.seconds:6.1f} s  {base_rate:7.1f} images/s  "
+                f"CPU {base.cpu_seconds:5.1f} s  {base_stats.requests} requests, "
+                f"{format_bytes(base_stats.bytes_down)}"
+            )
+            print(
+                f"  ratio ours/usual {ratio:.2f}"
+                + (f" (mark >= {mark:g}) {verdict(ratio >= mark)}" if mark else "")
+            )
+            print(
+                f"  our mean requests in flight while fetching images: {in_flight:.1f} of "
+                f"{args.concurrency} configured (mark >= {args.concurrency / 2:g}) "
+                f"{verdict(in_flight >= args.concurrency / 2)}; "
+                f"over {ours_stats.watched_seconds:.1f} s; max {ours_stats.max_in_flight}; "
+                f"whole run {ours_stats.mean_in_flight:.1f} over {ours_stats.active_seconds:.1f} s"
+            )
+            print(
+                f"  same image and mask bytes in both outputs: {'yes' if same else 'NO'}\n",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "baseline":
+        endpoint, ids_file, out, scratch, threads = sys.argv[2:7]
+        baseline_main(endpoint, ids_file, out, scratch, int(threads))
+    else:
+        main()
