@@ -326,11 +326,12 @@ class ShardDataset(IterableDataset):
         super().__init__()
         first = os.fspath(source[0] if isinstance(source, (list, tuple)) and source else source)
         # Plain, picklable data only: workers build their own filesystems from it.
-        self.storage_options = (
-            dict(storage_options)
-            if storage_options is not None
-            else sources.storage_options(first, endpoint_url)
-        )
+        if storage_options is None:
+            self.storage_options = sources.storage_options(first, endpoint_url)
+        else:
+            self.storage_options = dict(storage_options)
+            if endpoint_url:
+                self.storage_options["endpoint_url"] = endpoint_url
         self.urls, manifest = resolve_source(source, self.storage_options)
         self.source = source
         self.shuffle = int(shuffle)
@@ -392,7 +393,7 @@ class ShardDataset(IterableDataset):
                         mids.setdefault(int(instance["class_index"]), str(instance["label"]))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue  # a broken record: the sample itself is reported when it is read
-        classes = [{"index": 0, "mid": "", "name": "background"}]
+        classes = [{"index": 0, "mid": None, "name": "background"}]
         for index in range(1, max(mids, default=0) + 1):
             mid = mids.get(index, "")
             classes.append({"index": index, "mid": mid, "name": mid or f"class {index}"})

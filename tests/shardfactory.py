@@ -53,7 +53,7 @@ class FakeSample:
 
 def classes_table(num_classes: int = len(FAKE_MIDS)) -> list[dict]:
     """The manifest's ``classes``: index 0 is background, then 1..K."""
-    table = [{"index": 0, "mid": "", "name": "background"}]
+    table = [{"index": 0, "mid": None, "name": "background"}]
     for k in range(num_classes):
         mid = FAKE_MIDS[k] if k < len(FAKE_MIDS) else f"/m/fake{k}"
         name = FAKE_NAMES[k] if k < len(FAKE_NAMES) else f"Class {k + 1}"
@@ -165,17 +165,22 @@ def sample_members(sample: FakeSample, split: str = "train") -> list[tuple[str, 
     return members + list(sample.extra_members)
 
 
-def write_tar(path: str | Path, members: Sequence[tuple[str, bytes]]) -> bytes:
+def write_tar(path: str | Path, members: Sequence[tuple[str, bytes | SymbolicLink]]) -> bytes:
     """A byte-reproducible USTAR tar of ``members``, names taken as given (hostile ones too)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size = len(data)
             info.mtime = TAR_MTIME
             info.mode = 0o444
             info.uname = info.gname = "oistream"
-            tar.addfile(info, io.BytesIO(data))
+            if isinstance(data, SymbolicLink):
+                info.type = tarfile.SYMTYPE
+                info.linkname = data.target
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     data = buffer.getvalue()
     Path(path).write_bytes(data)
     return data
@@ -232,6 +237,13 @@ def write_shards(
     return paths
 
 
+@dataclass
+class SymbolicLink:
+    """A tar member that is a symbolic link to ``target`` rather than a file."""
+
+    target: str
+
+
 class _CreatesFileWhenUnpickled:
     """Unpickling this calls ``open(path, "w")``: proof that a loader unpickled a member."""
 
@@ -250,7 +262,7 @@ def hostile_members(key: str, marker_path: str | Path) -> list[tuple[str, bytes]
     """Members a shard from an untrusted place might carry next to sample ``key``.
 
     Pickles (which would create ``marker_path`` if loaded), names that leave the folder, an
-    absolute path.
+    absolute path, and a sample "linked" whose image is a symbolic link to a file outside.
     """
     bomb = pickle_bomb(marker_path)
     jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
@@ -261,6 +273,8 @@ def hostile_members(key: str, marker_path: str | Path) -> list[tuple[str, bytes]
         ("../evil.json", b'{"instances": []}'),
         (f"{key}/../../evil2.jpg", jpeg),
         ("/tmp/oistream-evil.jpg", jpeg),
+        ("linked0000000000.jpg", SymbolicLink("/etc/hostname")),
+        ("linked0000000000.json", json.dumps({"width": 8, "height": 8, "instances": []}).encode()),
     ]
 
 

@@ -320,6 +320,7 @@ def test_hostile_shard_is_harmless(tmp_path):
     assert any("badpng0000000000" in m and shard in m for m in messages)
     assert any("badjpeg000000000" in m and shard in m for m in messages)
     assert not any(".pyd" in m or ".pickle" in m for m in messages)  # silently ignored
+    assert any("linked0000000000" in m and "no .jpg member" in m for m in messages)
 
 
 def test_samples_with_bad_records_are_skipped_with_a_warning(tmp_path):
