@@ -62,7 +62,7 @@ def instance_colours(count: int) -> list[tuple[int, int, int]]:
     """Well-separated saturated colours: hues stepped by the golden ratio."""
     colours = []
     for i in range(count):
-        hue = (0.13 + i * 0.618033988749895) % 1.0
+        hue = (0.6 + i * 0.618033988749895) % 1.0
         r, g, b = colorsys.hsv_to_rgb(hue, 0.8, 0.95)
         colours.append((round(r * 255), round(g * 255), round(b * 255)))
     return colours
@@ -75,13 +75,17 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default(size=size)  # Pillow's bundled font
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it: a crisp contour over the tint."""
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """The band of ``mask`` within ``width`` pixels (4-neighbour steps) of its edge: a crisp
+    contour over the tint, so touching instances of similar colour stay apart."""
     inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
+    for _ in range(width):
+        eroded = inner.copy()
+        eroded[1:, :] &= inner[:-1, :]
+        eroded[:-1, :] &= inner[1:, :]
+        eroded[:, 1:] &= inner[:, :-1]
+        eroded[:, :-1] &= inner[:, 1:]
+        inner = eroded
     return mask & ~inner
 
 
@@ -132,13 +136,13 @@ def draw_instances(
     for colour, i in zip(colours, keep, strict=True):
         mask = mask_array[i]
         canvas[mask] = canvas[mask] * (1 - MASK_ALPHA) + np.asarray(colour) * MASK_ALPHA
+    long_side = max(canvas.shape[:2])
+    line = max(2, round(long_side / 400))
     for colour, i in zip(colours, keep, strict=True):
-        canvas[_outline(mask_array[i])] = colour
+        canvas[_outline(mask_array[i], line)] = colour
     result = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(result)
-    long_side = max(result.size)
-    line = max(2, round(long_side / 400))
     font = _font(max(12, round(long_side / 45)))
     for colour, i in zip(colours, keep, strict=True):
         x0, y0, x1, y1 = boxes_array[i]
