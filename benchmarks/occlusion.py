@@ -15,7 +15,10 @@ time of the same masks as 1-bit PNGs; then the ratios a/k, b/k and k/decode. All
 pipelines are checked to agree before timing. Marks (issue 4): a/k >= 10 (Open Images-like),
 >= 20 (crowded), b/k >= 3, k/decode <= 0.25.
 
-Run: ``.venv/bin/python benchmarks/occlusion.py [--repeats N] [--seed S]``
+The four take turns, round after round, each run a few times back to back per round (medians
+of the warm runs printed), so that other work on a shared machine weighs on all of them alike.
+
+Run: ``.venv/bin/python benchmarks/occlusion.py [--rounds N] [--seed S]``
 """
 
 from __future__ import annotations
@@ -113,14 +116,23 @@ def numpy_assemble_masks(
     return planes.view(np.uint8), boxes[kept], kept
 
 
-def median_seconds(function: Callable[[], object], repeats: int) -> float:
-    function()  # warm-up: caches, first-touch allocations, numba's compiled code
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]], rounds: int, burst: int = 3
+) -> dict[str, float]:
+    """Median seconds per function. Each round runs every function ``burst`` times back to back
+    and keeps all but the first run (which pays for the cache the others evicted); the rounds
+    take turns so that the load of a shared machine falls on all functions alike."""
+    for function in functions.values():
+        function()  # warm-up: first-touch allocations, numba's compiled code
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            for run in range(burst):
+                start = time.perf_counter()
+                function()
+                if run > 0:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def check_agreement(masks: list[np.ndarray], height: int, width: int) -> None:
@@ -136,7 +148,7 @@ def check_agreement(masks: list[np.ndarray], height: int, width: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=7, help="turns of each pipeline")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -147,17 +159,17 @@ def main() -> None:
         masks = [decode_mask_png(data) for data in pngs]
         check_agreement(masks, height, width)
 
-        seed = median_seconds(
-            lambda m=masks, h=height, w=width: reference_assemble_masks(m, h, w),
-            max(3, args.repeats // 3),
+        medians = interleaved_medians(
+            {
+                "seed": lambda m=masks, h=height, w=width: reference_assemble_masks(m, h, w),
+                "numpy": lambda m=masks, h=height, w=width: numpy_assemble_masks(m, h, w),
+                "kernel": lambda m=masks, h=height, w=width: assemble_masks(m, h, w),
+                "decode": lambda p=pngs: [decode_mask_png(data) for data in p],
+            },
+            args.rounds,
         )
-        vectorised = median_seconds(
-            lambda m=masks, h=height, w=width: numpy_assemble_masks(m, h, w), args.repeats
-        )
-        kernel = median_seconds(
-            lambda m=masks, h=height, w=width: assemble_masks(m, h, w), args.repeats
-        )
-        decode = median_seconds(lambda p=pngs: [decode_mask_png(data) for data in p], args.repeats)
+        seed, vectorised = medians["seed"], medians["numpy"]
+        kernel, decode = medians["kernel"], medians["decode"]
 
         print(
             f"{name}: {width}x{height} image, {count} masks of {mask_w}x{mask_h}, "

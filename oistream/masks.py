@@ -169,40 +169,6 @@ def _next_background(flat, words, position, end):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _foreground_end(flat, words, start, end):
-    """One past the last non-zero byte of flat[start:end], or start (the backward twin of
-    ``_next_foreground``)."""
-    while end > start and (end & 7) != 0:
-        if flat[end - 1] != 0:
-            return end
-        end -= 1
-    first_word = (start + 7) >> 3
-    span = words[first_word : end >> 3]
-    k = span.shape[0]
-    while k >= 8:
-        if (
-            span[k - 1]
-            | span[k - 2]
-            | span[k - 3]
-            | span[k - 4]
-            | span[k - 5]
-            | span[k - 6]
-            | span[k - 7]
-            | span[k - 8]
-        ) != _ZERO_WORD:
-            break
-        k -= 8
-    while k > 0 and span[k - 1] == _ZERO_WORD:
-        k -= 1
-    end = min(end, (first_word + k) << 3)
-    while end > start:
-        if flat[end - 1] != 0:
-            return end
-        end -= 1
-    return start
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _row_summary(flat, words, start, end):
     """(any byte non-zero, any byte zero) for flat[start:end], in one branch-free pass over
     whole words (~8 ns for a 1600-byte row; the same test byte by byte is ~10x slower)."""
@@ -226,21 +192,59 @@ def _row_summary(flat, words, start, end):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _destination_runs(flat, words, row_start, row_end, any_zero, first_col, runs):
-    """The foreground runs of source row flat[row_start:row_end] (which has foreground) as
-    destination column ranges: runs[2k], runs[2k + 1] = start, end; touching ranges are merged.
+def _foreground_extent(flat, words, start, end):
+    """(first non-zero byte, one past the last) of flat[start:end]; (end, end) if all zero.
+
+    The words are searched in one branch-free pass (min/max of the non-zero words' indices),
+    then the few bytes around the two words found."""
+    first_word = (start + 7) >> 3
+    span = words[first_word : end >> 3]
+    n_words = span.shape[0]
+    lowest = n_words
+    highest = -1
+    for k in range(n_words):
+        non_zero = span[k] != _ZERO_WORD
+        lowest = min(lowest, k if non_zero else n_words)
+        highest = max(highest, k if non_zero else -1)
+    head_end = min(end, first_word << 3)  # bytes before the first whole word
+    tail_start = max(head_end, (first_word + n_words) << 3)  # bytes after the last one
+    begin = end
+    for position in range(start, head_end):
+        if flat[position] != 0:
+            begin = position
+            break
+    if begin == end and lowest < n_words:
+        begin = (first_word + lowest) << 3
+        while flat[begin] == 0:
+            begin += 1
+    if begin == end:
+        for position in range(tail_start, end):
+            if flat[position] != 0:
+                begin = position
+                break
+    if begin == end:
+        return end, end
+    for position in range(end - 1, tail_start - 1, -1):
+        if flat[position] != 0:
+            return begin, position + 1
+    if highest >= 0:
+        stop = ((first_word + highest) << 3) + 8
+        while flat[stop - 1] == 0:
+            stop -= 1
+        return begin, stop
+    stop = head_end
+    while flat[stop - 1] == 0:
+        stop -= 1
+    return begin, stop
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _destination_runs(flat, words, row_start, begin, end, first_col, runs):
+    """The foreground runs of a source row, whose foreground spans flat[begin:end], as
+    destination column ranges: runs[2k], runs[2k + 1] = start, end; touching ranges merged.
     Returns their count."""
-    if any_zero:
-        # Find the foreground's extent from both ends (zero margins go 64 bytes per step), then
-        # test its inside in one branch-free pass: most rows of real masks are a single run.
-        begin = _next_foreground(flat, words, row_start, row_end)
-        end = _foreground_end(flat, words, begin, row_end)
-        holes = _row_summary(flat, words, begin, end)[1]
-    else:
-        begin = row_start
-        end = row_end
-        holes = False
-    if not holes:
+    # Most rows of real masks are a single run: one branch-free pass over its inside says so.
+    if not _row_summary(flat, words, begin, end)[1]:
         x_begin = first_col[begin - row_start]
         x_end = first_col[end - row_start]
         if x_begin == x_end:  # a short run can fall between two sampled columns
@@ -371,12 +375,16 @@ def _assemble(masks, height, width, resolve_occlusion, stream_all_rows, out, box
             if not sampled and not stream_all_rows:
                 continue
             row_start = r * source_w
-            any_set, any_zero = _row_summary(flat, words, row_start, row_start + source_w)
+            row_end = row_start + source_w
+            # One cheap pass sorts out the empty rows (most of a mask) and the full ones.
+            any_set, any_zero = _row_summary(flat, words, row_start, row_end)
             if not sampled or not any_set:
                 continue
-            n_runs = _destination_runs(
-                flat, words, row_start, row_start + source_w, any_zero, first_col, runs
-            )
+            if any_zero:
+                begin, end = _foreground_extent(flat, words, row_start, row_end)
+            else:
+                begin, end = row_start, row_end
+            n_runs = _destination_runs(flat, words, row_start, begin, end, first_col, runs)
             if n_runs == 0:
                 continue
             for y in range(y_begin, y_end):
