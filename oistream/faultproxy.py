@@ -94,6 +94,14 @@ class ProxyStats:
     # status, body bytes sent; kept only with keep_log=True
 
 
+@dataclass
+class _Outcome:
+    """What one request got: the status sent (0: none) and the body bytes written."""
+
+    status: int = 0
+    sent: int = 0
+
+
 @dataclass(frozen=True)
 class _Config:
     upstream: str
@@ -116,6 +124,8 @@ class _ProxyServer:
         self._seen: dict[tuple[str, str, str | None], int] = defaultdict(int)
         self._faulted: dict[tuple[str, str, str | None], int] = defaultdict(int)
         self._upstream = config.upstream.rstrip("/")
+        # Without faults nothing is drawn, so nothing is remembered per request.
+        self._faulty = config.fail_rate + config.reset_rate + config.truncate_rate > 0
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.ServerRunner | None = None
 
@@ -128,7 +138,8 @@ class _ProxyServer:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
-        server = web.Server(self.handle, access_log=None)
+        # handler_cancellation: a client that hangs up stops its request here too.
+        server = web.Server(self.handle, access_log=None, handler_cancellation=True)
         # A test proxy need not wait for slow requests to finish when it stops.
         self._runner = web.ServerRunner(
             server, handle_signals=False, access_log=None, shutdown_timeout=0.5
@@ -190,16 +201,17 @@ class _ProxyServer:
                 stats.unranged_gets += 1
             else:
                 stats.ranged_gets += 1
-        sent = 0
-        status = 0
+        outcome = _Outcome()
         try:
             if self.config.latency > 0:
                 await asyncio.sleep(self.config.latency)
             key = (request.method, request.raw_path, byte_range)
-            fault = self._draw_fault(key)
+            fault = self._draw_fault(key) if self._faulty else None
             if fault == "fail":
                 self._injected(key, fault)
-                status = 503
+                outcome.status = 503
+                if request.method != "HEAD":
+                    outcome.sent = len(_SLOW_DOWN_BODY)
                 return web.Response(
                     status=503,
                     body=_SLOW_DOWN_BODY,
@@ -216,22 +228,34 @@ class _ProxyServer:
                 # the Expect header, so the proxy answers it itself.
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 request.writer.output_size = 0
-            response, status, sent = await self._forward(request, key, fault)
-            return response
+            try:
+                return await self._forward(request, key, fault, outcome)
+            except ConnectionError:
+                # The client went away (gave up, timed out): nobody is left to answer.
+                return web.Response()
+            except aiohttp.ClientError as error:
+                if outcome.status:  # upstream failed mid-body: all we can do is hang up
+                    self._kill(request, reset=True)
+                    return web.Response()
+                outcome.status = 502
+                return web.Response(status=502, text=f"fault proxy: upstream failed: {error}")
         finally:
             # stats may have been replaced by reset_stats() meanwhile: count in the current one
             current = self.stats
             current.concurrent -= 1
-            current.statuses[status] = current.statuses.get(status, 0) + 1
-            if status == 503 and sent == 0 and request.method != "HEAD":
-                sent = len(_SLOW_DOWN_BODY)
-            current.bytes_sent += sent
+            current.statuses[outcome.status] = current.statuses.get(outcome.status, 0) + 1
+            current.bytes_sent += outcome.sent
             if current.log is not None:
-                current.log.append((request.method, request.raw_path, byte_range, status, sent))
+                entry = (request.method, request.raw_path, byte_range, outcome.status, outcome.sent)
+                current.log.append(entry)
 
     async def _forward(
-        self, request: web.BaseRequest, key: tuple[str, str, str | None], fault: str | None
-    ) -> tuple[web.StreamResponse, int, int]:
+        self,
+        request: web.BaseRequest,
+        key: tuple[str, str, str | None],
+        fault: str | None,
+        outcome: _Outcome,
+    ) -> web.StreamResponse:
         assert self._session is not None
         headers = CIMultiDict(
             (name, value)
@@ -257,21 +281,21 @@ class _ProxyServer:
             if fault is not None and length:  # no body, or one of unknown length: no fault
                 self._injected(key, fault)
                 cut = length // 2
+            outcome.status = upstream.status
             await response.prepare(request)
-            sent = 0
             async for chunk in upstream.content.iter_chunked(_CHUNK):
-                if cut is not None and sent + len(chunk) >= cut:
-                    part = chunk[: cut - sent]
+                if cut is not None and outcome.sent + len(chunk) >= cut:
+                    part = chunk[: cut - outcome.sent]
                     if part:
                         await response.write(part)
-                        sent += len(part)
+                        outcome.sent += len(part)
                     upstream.close()  # its unread rest must not go back to the pool
                     self._kill(request, reset=fault == "reset")
-                    return response, upstream.status, sent
+                    return response
                 await response.write(chunk)
-                sent += len(chunk)
+                outcome.sent += len(chunk)
             await response.write_eof()
-            return response, upstream.status, sent
+            return response
 
     @staticmethod
     def _kill(request: web.BaseRequest, *, reset: bool) -> None:
@@ -388,6 +412,7 @@ class FaultProxy:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
                 server = _ProxyServer(self._config)
@@ -403,6 +428,12 @@ class FaultProxy:
                 loop.run_forever()
             finally:
                 loop.run_until_complete(server.close())
+                # Requests still waiting (a long latency) end here, as asyncio.run ends its own.
+                leftovers = asyncio.all_tasks(loop)
+                for task in leftovers:
+                    task.cancel()
+                if leftovers:
+                    loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
                 loop.close()
 
         self._thread = threading.Thread(target=run, name="faultproxy", daemon=True)
