@@ -139,6 +139,11 @@ def join(root: str, *parts: str) -> str:
 async def open_async_filesystem(url: str, options: dict[str, Any] | None = None) -> Any:
     """An async filesystem bound to the running event loop, its client session already open."""
     fs, _ = filesystem(url, options, asynchronous=True)
+    if not getattr(fs, "async_impl", False):
+        # Local disks and other blocking filesystems: their calls run in threads.
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        return AsyncFileSystemWrapper(fs, asynchronous=True)
     if hasattr(fs, "set_session"):
         await fs.set_session()
     return fs
