@@ -443,10 +443,11 @@ def assemble_masks(
     kept = np.zeros(count, np.int64)
     if count == 0:
         return out, boxes, kept
+    sources = [_as_source_mask(mask) for mask in masks]
     source_masks = List.empty_list(_SOURCE_MASK_TYPE)
-    for mask in masks:
-        source_masks.append(_as_source_mask(mask))
-    stream_all_rows = sum(mask.size for mask in source_masks) > _STREAM_ABOVE_BYTES
+    for source in sources:
+        source_masks.append(source)
+    stream_all_rows = sum(source.size for source in sources) > _STREAM_ABOVE_BYTES
     n_kept = _assemble(
         source_masks, height, width, bool(resolve_occlusion), stream_all_rows, out, boxes, kept
     )
