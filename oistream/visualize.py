@@ -75,10 +75,19 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default(size=size)  # Pillow's bundled font
 
 
+def _extent(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The rows and columns that hold the mask's pixels (None if it has none)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    columns = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
+
+
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
     """The band of ``mask`` within ``width`` pixels (4-neighbour steps) of its edge: a crisp
     contour over the tint, so touching instances of similar colour stay apart."""
-    inner = mask.copy()
+    inner = np.pad(mask, 1)  # beyond the array is outside the mask
     for _ in range(width):
         eroded = inner.copy()
         eroded[1:, :] &= inner[:-1, :]
@@ -86,7 +95,7 @@ def _outline(mask: np.ndarray, width: int) -> np.ndarray:
         eroded[:, 1:] &= inner[:, :-1]
         eroded[:, :-1] &= inner[:, 1:]
         inner = eroded
-    return mask & ~inner
+    return mask & ~inner[1:-1, 1:-1]
 
 
 def _name(class_names: Sequence[str] | Mapping[int, str], label: int) -> str:
@@ -133,13 +142,17 @@ def draw_instances(
     colours = instance_colours(len(keep))
 
     # Tints first (so later instances sit on top), then contours, then boxes and captions.
-    for colour, i in zip(colours, keep, strict=True):
-        mask = mask_array[i]
-        canvas[mask] = canvas[mask] * (1 - MASK_ALPHA) + np.asarray(colour) * MASK_ALPHA
+    # Each mask is handled inside its own extent: a hundred predictions stay quick.
+    extents = [_extent(mask_array[i]) for i in keep]
+    for colour, i, extent in zip(colours, keep, extents, strict=True):
+        if extent is not None:
+            region, mask = canvas[extent], mask_array[i][extent]
+            region[mask] = region[mask] * (1 - MASK_ALPHA) + np.asarray(colour) * MASK_ALPHA
     long_side = max(canvas.shape[:2])
     line = max(2, round(long_side / 400))
-    for colour, i in zip(colours, keep, strict=True):
-        canvas[_outline(mask_array[i], line)] = colour
+    for colour, i, extent in zip(colours, keep, extents, strict=True):
+        if extent is not None:
+            canvas[extent][_outline(mask_array[i][extent], line)] = colour
     result = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(result)

@@ -26,9 +26,10 @@ def square_mask(height: int, width: int, y0: int, y1: int, x0: int, x1: int) -> 
 
 def test_masks_are_tinted_in_distinct_colours_and_the_rest_is_untouched():
     masks = np.stack(
-        [square_mask(200, 320, 20, 80, 20, 100), square_mask(200, 320, 120, 180, 200, 300)]
+        [square_mask(200, 320, 20, 80, 20, 100), square_mask(200, 320, 120, 200, 200, 300)]
     )
-    boxes = torch.tensor([[20, 20, 100, 80], [200, 120, 300, 180]], dtype=torch.float32)
+    # Boxes away from the masks, so that box lines cannot pass for mask contours below.
+    boxes = torch.tensor([[150, 5, 160, 15], [170, 5, 180, 15]], dtype=torch.float32)
     picture = draw_instances(grey_image(), masks, boxes, [1, 2], ["background", "Person", "Car"])
     factor = MIN_LONG_SIDE // 320  # small images are enlarged for legible captions
     assert picture.size == (320 * factor, 200 * factor)
@@ -40,6 +41,11 @@ def test_masks_are_tinted_in_distinct_colours_and_the_rest_is_untouched():
     for inside, colour in ((inside_first, first), (inside_second, second)):
         assert np.all(np.sign(inside - GREY) == np.sign(np.asarray(colour) - GREY))
     assert not np.array_equal(inside_first, inside_second)
+    # Contours in the pure colour on every side, the image's bottom edge included.
+    for y, x in ((20, 60), (79, 60), (50, 20), (50, 99)):
+        assert np.array_equal(pixels[y * factor, x * factor], first), (y, x)
+    for y, x in ((120, 250), (199, 250), (150, 200), (150, 299)):
+        assert np.array_equal(pixels[y * factor, x * factor], second), (y, x)
     assert np.array_equal(pixels[100 * factor, 160 * factor], [GREY] * 3)  # outside everything
 
 
