@@ -249,6 +249,20 @@ class Nginx:
             raise RuntimeError(f"nginx did not start:\n{log}") from None
         return self
 
+    def cpu_seconds(self) -> float:
+        """CPU time nginx (master and workers) has used so far; 0 without psutil."""
+        try:
+            import psutil
+        except ImportError:
+            return 0.0
+        total = 0.0
+        with contextlib.suppress(psutil.Error):
+            master = psutil.Process(self._process.pid)
+            for process in [master, *master.children(recursive=True)]:
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
+
     def __exit__(self, *exc: object) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGQUIT)  # graceful: master stops its workers
@@ -298,6 +312,11 @@ class ProxyStats:
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     requests_by_kind: dict[str, int] = field(default_factory=dict)
     body_bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # CPU time the proxy process itself used
+    # time.monotonic() (the same clock in every process here) of each kind's first request and
+    # last response: a timeline of a run seen from the server's side
+    first_start_by_kind: dict[str, float] = field(default_factory=dict)
+    last_end_by_kind: dict[str, float] = field(default_factory=dict)
 
 
 class _Counters:
@@ -320,6 +339,10 @@ class _Counters:
         self.watch_start: float | None = None
         self.watch_integral_at_start = 0.0
         self.watched_requests = 0
+        self.cpu_at_start = time.process_time()
+        # time.monotonic() of each kind's first request arrival and last response end
+        self.first_start_by_kind: dict[str, float] = {}
+        self.last_end_by_kind: dict[str, float] = {}
 
     def _advance(self, now: float) -> None:
         self.integral += self.in_flight * (now - self.last_change)
@@ -329,7 +352,9 @@ class _Counters:
         return next((name for name, prefix in self.kinds if head.startswith(prefix)), "other")
 
     def request_started(self, now: float, head: bytes) -> None:
-        self.requests_by_kind[self.kind_of(head)] += 1
+        kind = self.kind_of(head)
+        self.requests_by_kind[kind] += 1
+        self.first_start_by_kind.setdefault(kind, now)
         if self.first_start is None:
             self.first_start = self.last_change = now
         self._advance(now)
@@ -342,10 +367,11 @@ class _Counters:
                 self.watch_start = now
                 self.watch_integral_at_start = self.integral
 
-    def request_ended(self, now: float) -> None:
+    def request_ended(self, now: float, kind: str) -> None:
         self._advance(now)
         self.in_flight -= 1
         self.last_end = now
+        self.last_end_by_kind[kind] = now
 
     def snapshot(self) -> ProxyStats:
         stats = ProxyStats(
@@ -361,6 +387,9 @@ class _Counters:
             bytes_by_kind=dict(self.bytes_by_kind),
             requests_by_kind=dict(self.requests_by_kind),
             body_bytes_by_kind=dict(self.body_bytes_by_kind),
+            cpu_seconds=time.process_time() - self.cpu_at_start,
+            first_start_by_kind=dict(self.first_start_by_kind),
+            last_end_by_kind=dict(self.last_end_by_kind),
         )
         if self.first_start is not None and self.last_end is not None:
             end, integral = self.last_end, self.integral
@@ -444,8 +473,8 @@ class _ClientSide(asyncio.Protocol):
     def finish_open_requests(self) -> None:
         now = self.loop.time()
         while self.open_requests:
-            self.open_requests.popleft()
-            self.proxy.counters.request_ended(now)
+            _, kind = self.open_requests.popleft()
+            self.proxy.counters.request_ended(now, kind)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -528,8 +557,8 @@ class _ServerSide(asyncio.Protocol):
     def _response_done(self) -> None:
         self.counters.responses += 1
         if self.client.open_requests:
-            self.client.open_requests.popleft()
-            self.counters.request_ended(self.client.loop.time())
+            _, kind = self.client.open_requests.popleft()
+            self.counters.request_ended(self.client.loop.time(), kind)
 
     def _give_up_framing(self) -> None:
         # Bytes are still counted; this connection's requests end when it closes.

@@ -52,26 +52,58 @@ MARKS = {0.01: 5.0, 0.20: 2.0}
 _CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
+# Kinds of request, by request line, for the proxy's per-kind counts and timeline.
+REQUEST_KINDS = [
+    ("images", f"GET /{IMAGES_BUCKET}/".encode()),
+    ("zips", f"GET /{METADATA_BUCKET}/v5/{SPLIT}-masks/".encode()),
+    ("zips", f"HEAD /{METADATA_BUCKET}/v5/{SPLIT}-masks/".encode()),
+    ("csv", f"GET /{METADATA_BUCKET}/v5/{SPLIT}-annotations".encode()),
+]
+
+
 @dataclass
 class Timed:
     seconds: float
     cpu_seconds: float  # user + system of the command and its children
     output: str
+    started: float  # time.monotonic() at launch
+    ended: float
 
 
 def run_timed(command: list[str], env: dict[str, str], cwd: Path) -> Timed:
     """Run ``command`` to completion; wall time from start to exit, CPU time of its tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
+    started = time.monotonic()
     result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    ended = time.monotonic()
+    seconds = ended - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if result.returncode != 0:
         raise RuntimeError(
             f"{' '.join(command[:4])} ... exited {result.returncode}:\n{result.stderr[-3000:]}"
         )
-    return Timed(seconds, cpu, result.stdout + result.stderr)
+    return Timed(seconds, cpu, result.stdout + result.stderr, started, ended)
+
+
+def timeline(run: Timed, stats: _servers.ProxyStats) -> str:
+    """Where the wall time of our command went, from the requests the server saw."""
+    first, last = stats.first_start_by_kind, stats.last_end_by_kind
+    if "images" not in first or "zips" not in first:
+        return "no image or zip requests seen"
+    first_request = min(first.values())
+    last_response = max(last.values())
+    marks = [
+        ("start to first request (interpreter, imports)", run.started, first_request),
+        ("class lists, CSV, plan", first_request, first["zips"]),
+        ("central directories, workers' start", first["zips"], first["images"]),
+        ("images and masks fetched, shards written", first["images"], last["images"]),
+        ("last response to exit (manifest, shutdown)", last_response, run.ended),
+    ]
+    parts = [f"{name} {end - begin:.1f} s" for name, begin, end in marks]
+    if "csv" in first:
+        parts.insert(2, f"(of which CSV transfer {last['csv'] - first['csv']:.1f} s)")
+    return "; ".join(parts)
 
 
 def anonymous_environment() -> dict[str, str]:
@@ -272,13 +304,12 @@ def main() -> None:
         for fraction in args.fractions:
             max_images = max(1, round(fraction * train_images))
             ours_out, base_out = work / f"ours-{fraction}", work / f"base-{fraction}"
-            proxy.reset(
-                watch=f"GET /{IMAGES_BUCKET}/".encode(),
-                kinds=[("images", f"GET /{IMAGES_BUCKET}/".encode())],
-            )
+            proxy.reset(watch=f"GET /{IMAGES_BUCKET}/".encode(), kinds=REQUEST_KINDS)
             load = os.getloadavg()[0]
+            nginx_cpu = nginx.cpu_seconds()
             ours = run_timed(ours_command(proxy.url, ours_out, max_images, args), env, work)
             ours_stats = proxy.stats()
+            ours_nginx_cpu, nginx_cpu = nginx.cpu_seconds() - nginx_cpu, nginx.cpu_seconds()
             ids = sample_ids(ours_out)
             ids_file = work / f"ids-{fraction}.txt"
             ids_file.write_text("\n".join(ids))
@@ -300,6 +331,7 @@ def main() -> None:
                 work,
             )
             base_stats = proxy.stats()
+            base_nginx_cpu = nginx.cpu_seconds() - nginx_cpu
             same = content_digests(ours_out) == content_digests(base_out)
 
             ours_rate, base_rate = len(ids) / ours.seconds, len(ids) / base.seconds
@@ -313,12 +345,14 @@ def main() -> None:
             print(
                 f"  ours:         {ours.seconds:6.1f} s  {ours_rate:7.1f} images/s  "
                 f"CPU {ours.cpu_seconds:5.1f} s  {ours_stats.requests} requests, "
-                f"{format_bytes(ours_stats.bytes_down)}"
+                f"{format_bytes(ours_stats.bytes_down)}; server side: proxy CPU "
+                f"{ours_stats.cpu_seconds:.1f} s, nginx CPU {ours_nginx_cpu:.1f} s"
             )
             print(
                 f"  usual method: {base.seconds:6.1f} s  {base_rate:7.1f} images/s  "
                 f"CPU {base.cpu_seconds:5.1f} s  {base_stats.requests} requests, "
-                f"{format_bytes(base_stats.bytes_down)}"
+                f"{format_bytes(base_stats.bytes_down)}; server side: proxy CPU "
+                f"{base_stats.cpu_seconds:.1f} s, nginx CPU {base_nginx_cpu:.1f} s"
             )
             print(
                 f"  ratio ours/usual {ratio:.2f}"
@@ -331,6 +365,7 @@ def main() -> None:
                 f"over {ours_stats.watched_seconds:.1f} s; max {ours_stats.max_in_flight}; "
                 f"whole run {ours_stats.mean_in_flight:.1f} over {ours_stats.active_seconds:.1f} s"
             )
+            print(f"  our time line, seen from the server: {timeline(ours, ours_stats)}")
             print(
                 f"  same image and mask bytes in both outputs: {'yes' if same else 'NO'}\n",
                 flush=True,
