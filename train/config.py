@@ -1,0 +1,199 @@
+"""The trainer's command line: every option, its default and its meaning in one place."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+# torchvision's reference recipe: lr 0.02 for 16 images per step (8 GPUs x 2 images).
+REFERENCE_BATCH = 16
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors end in one line on stderr (exit 2), not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m train",
+        description="Train and evaluate torchvision Mask R-CNN R50-FPN on oistream shards. "
+        "Run under `torchrun --nproc-per-node N -m train ...` for DDP.",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--train",
+        required=True,
+        help="training shards: a folder or URL holding manifest.json, a brace pattern or tars",
+    )
+    data.add_argument("--val", help="validation shards (same forms as --train); no eval if absent")
+    data.add_argument(
+        "--out", required=True, help="run folder: checkpoints, metrics, eval, pictures"
+    )
+    data.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
+    data.add_argument("--shuffle", type=int, default=1000, help="sample shuffle buffer per worker")
+    data.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="decode each batch's JPEGs on the GPU (nvJPEG) in the main process",
+    )
+    data.add_argument(
+        "--max-val-images",
+        type=int,
+        default=None,
+        help="evaluate on at most this many validation images (all by default)",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=("v1", "v2"), default="v1", help="R50-FPN v1 or v2")
+    model.add_argument(
+        "--weights",
+        default="coco",
+        help="coco (torchvision's COCO weights), none (random init) or a checkpoint path",
+    )
+    model.add_argument(
+        "--min-size", type=int, default=800, help="shorter image side after the model's resize"
+    )
+    model.add_argument(
+        "--max-size", type=int, default=1333, help="cap on the longer side after the resize"
+    )
+    model.add_argument(
+        "--trainable-backbone-layers",
+        type=int,
+        default=None,
+        help="ResNet stages left trainable with pretrained weights (0-5; torchvision's default 3)",
+    )
+
+    model.add_argument(
+        "--rpn-samples",
+        type=int,
+        default=256,
+        help="anchors sampled per image for the RPN loss (torchvision's 256)",
+    )
+    model.add_argument(
+        "--roi-samples",
+        type=int,
+        default=512,
+        help="proposals sampled per image for the box and mask heads (torchvision's 512; "
+        "fewer is much faster on the CPU)",
+    )
+    model.add_argument(
+        "--detections-per-image",
+        type=int,
+        default=100,
+        help="most detections kept per image at evaluation (COCO's 100)",
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=12)
+    optim.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="optimizer steps per epoch, the same on every rank "
+        "(default: the manifest's sample count / global batch)",
+    )
+    optim.add_argument("--batch-size", type=int, default=2, help="images per step per rank")
+    optim.add_argument(
+        "--lr",
+        type=float,
+        default=0.02,
+        help=f"base learning rate for {REFERENCE_BATCH} images per step; "
+        "scaled linearly with the global batch",
+    )
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, default=1e-4)
+    optim.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="linear warm-up length (default: min(1000, a tenth of all steps))",
+    )
+    optim.add_argument("--warmup-factor", type=float, default=0.001, help="lr factor at step 0")
+    optim.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    optim.add_argument(
+        "--steps",
+        "--lr-steps",
+        dest="lr_steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="step schedule: epochs after which lr is multiplied by --gamma "
+        "(default: after 2/3 and 8/9 of the epochs)",
+    )
+    optim.add_argument("--gamma", type=float, default=0.1)
+    optim.add_argument(
+        "--clip-grad", type=float, default=None, help="clip the gradients' total norm to this"
+    )
+    optim.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="mixed precision: auto = bf16 on GPUs that have it, fp16 + grad scaler on others, "
+        "off on the CPU",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda (rank r uses cuda:LOCAL_RANK)"
+    )
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms and seeds: a resumed run repeats the uninterrupted one",
+    )
+    run.add_argument(
+        "--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)"
+    )
+    run.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps")
+    run.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="periodic checkpoints kept on disk"
+    )
+    run.add_argument(
+        "--resume",
+        default=None,
+        help="a checkpoint to continue from, or 'auto' for the newest in OUT/checkpoints",
+    )
+    run.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop with a checkpoint after this many steps in all (continue with --resume auto)",
+    )
+    run.add_argument("--log-every", type=int, default=20, help="metrics line every N steps")
+    run.add_argument(
+        "--num-predictions", type=int, default=4, help="validation pictures drawn at each eval"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; argparse exits 2 with one usage line on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    positive = (
+        "epochs",
+        "batch_size",
+        "log_every",
+        "checkpoint_every",
+        "rpn_samples",
+        "roi_samples",
+        "detections_per_image",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("steps_per_epoch", "stop_after", "max_val_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0 or args.eval_every < 0 or args.num_predictions < 0:
+        parser.error("--workers, --eval-every and --num-predictions cannot be negative")
+    if args.lr <= 0:
+        parser.error("--lr must be positive")
+    if args.lr_steps is not None and any(e < 1 or e > args.epochs for e in args.lr_steps):
+        parser.error(f"--steps must be epochs between 1 and --epochs ({args.epochs})")
+    return args

@@ -1,0 +1,280 @@
+"""The training loop: fixed steps per epoch on every rank, AMP, DDP, checkpoints and metrics.
+
+Data comes from ``batches_for_epoch(epoch)``, any iterable of ``(images, targets)`` already on
+the device; the engine knows nothing of shards, which keeps it testable with in-memory batches.
+
+Reproducibility: before each epoch's iterator is created the RNGs are seeded from
+``(seed, rank, epoch)`` (DataLoader workers draw their seeds then), and before each step from
+``(seed, rank, step)``. A run resumed at step ``s`` rebuilds epoch ``s // steps_per_epoch``'s
+stream, skips the batches already trained on and continues with exactly the RNG state the
+uninterrupted run had: with ``--deterministic`` the next-step loss is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from train import checkpoint as ckpt
+from train.distributed import Ranks, average_scalars
+from train.errors import TrainError
+from train.metrics import LossWindow, MetricsLog, all_finite
+from train.model import load_model_state
+from train.precision import Precision
+from train.schedule import build_scheduler
+
+Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
+
+
+def seed_everything(*parts: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from a tuple of integers."""
+    seed = int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels where torch has them (warn, don't fail, where it has not)."""
+    # cuBLAS needs this before its first use to be deterministic.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    steps_per_epoch: int
+    lr: float  # already scaled to the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+    schedule: str = "step"
+    milestone_epochs: tuple[int, ...] = ()
+    gamma: float = 0.1
+    clip_grad: float | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclass
+class RunOptions:
+    out: Path
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total
+    progress: bool = True
+    extra_state: dict[str, Any] | None = None  # saved in every checkpoint (args, classes)
+
+
+class Trainer:
+    """One model, its optimizer, schedule and scaler, and the position in training."""
+
+    def __init__(
+        self, model: torch.nn.Module, schedule: Schedule, precision: Precision, ranks: Ranks
+    ) -> None:
+        self.model = model.to(ranks.device)
+        self.schedule = schedule
+        self.precision = precision
+        self.ranks = ranks
+        if ranks.distributed:
+            device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+            self.forward_model: torch.nn.Module = DistributedDataParallel(
+                self.model, device_ids=device_ids
+            )
+        else:
+            self.forward_model = self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            self.params,
+            lr=schedule.lr,
+            momentum=schedule.momentum,
+            weight_decay=schedule.weight_decay,
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps=schedule.total_steps,
+            warmup_steps=schedule.warmup_steps,
+            warmup_factor=schedule.warmup_factor,
+            schedule=schedule.schedule,
+            milestone_steps=[e * schedule.steps_per_epoch for e in schedule.milestone_epochs],
+            gamma=schedule.gamma,
+        )
+        self.scaler = precision.make_scaler()
+        self.step = 0  # optimizer steps done
+        self.last_lr = schedule.lr
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def train_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> dict:
+        """Forward, backward, optimizer and schedule step; returns the detached losses."""
+        self.forward_model.train()
+        with self.precision.autocast():
+            losses = self.forward_model(images, targets)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.schedule.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.schedule.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
+        self.scheduler.step()
+        self.step += 1
+        return {name: value.detach() for name, value in losses.items()}
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.schedule.steps_per_epoch,
+            "steps_per_epoch": self.schedule.steps_per_epoch,
+            "world_size": self.ranks.world_size,
+            "rng": ckpt.rng_state(),
+            **(extra or {}),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], origin: str = "checkpoint") -> None:
+        """Everything needed to continue: weights, momentum, schedule, scaler, step, RNG."""
+        load_model_state(self.model, state["model"], origin)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        ckpt.set_rng_state(state["rng"])
+
+    def save(self, options: RunOptions) -> Path | None:
+        """Rank 0 writes ``OUT/checkpoints/step-NNNNNNN.pt`` and prunes old ones."""
+        if not self.ranks.is_main:
+            return None
+        path = ckpt.save_checkpoint(
+            self.state_dict(options.extra_state), ckpt.checkpoint_path(options.out, self.step)
+        )
+        ckpt.prune_checkpoints(options.out, options.keep_checkpoints, protect=path)
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def fit(
+        self,
+        batches_for_epoch: Callable[[int], Iterable[Batch]],
+        options: RunOptions,
+        after_epoch: Callable[[int], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train from ``self.step`` to the end; returns the metrics records written."""
+        sched = self.schedule
+        metrics = MetricsLog(options.out / "metrics.jsonl" if self.ranks.is_main else None)
+        records: list[dict[str, Any]] = []
+        end = sched.total_steps
+        if options.stop_after is not None:
+            end = min(end, options.stop_after)
+        bar = tqdm(
+            total=sched.total_steps,
+            initial=self.step,
+            disable=not (self.ranks.is_main and options.progress),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        window = LossWindow()
+        last_saved = -1
+        try:
+            while self.step < end:
+                epoch = self.step // sched.steps_per_epoch
+                epoch_end = min((epoch + 1) * sched.steps_per_epoch, end)
+                batches = self._epoch_stream(batches_for_epoch, epoch, options.seed)
+                while self.step < epoch_end:
+                    self._seed_step(options.seed, self.step)
+                    waited = time.perf_counter()
+                    images, targets = next(batches)
+                    waited = time.perf_counter() - waited
+                    losses = self.train_step(images, targets)
+                    window.add(losses, len(images), waited)
+                    bar.update(1)
+                    if self.step % options.log_every == 0 or self.step == end:
+                        record = self._log(window, epoch, bar)
+                        metrics.write(record)
+                        records.append(record)
+                        window = LossWindow()
+                    if self.step % options.checkpoint_every == 0:
+                        self.save(options)
+                        last_saved = self.step
+                if self.step % sched.steps_per_epoch == 0 and after_epoch is not None:
+                    after_epoch(epoch)
+        finally:
+            bar.close()
+        if last_saved != self.step:
+            self.save(options)
+        return records
+
+    def _epoch_stream(
+        self, batches_for_epoch: Callable[[int], Iterable[Batch]], epoch: int, seed: int
+    ) -> Iterator[Batch]:
+        """Epoch ``epoch``'s batches, positioned at ``self.step``, repeated if they run short.
+
+        Every rank takes exactly ``steps_per_epoch`` steps whatever its shards hold, so no rank
+        waits in an all-reduce for one that ran dry (uneven shards would otherwise hang DDP).
+        """
+        seed_everything(seed, self.ranks.rank, 0, epoch)
+        stream = _repeat(batches_for_epoch, epoch)
+        # Resuming mid-epoch: replay the batches already trained on (the loader cannot seek),
+        # each drawn under the seed its step had, as a loader without workers draws from it.
+        for step in range(epoch * self.schedule.steps_per_epoch, self.step):
+            self._seed_step(seed, step)
+            next(stream)
+        return stream
+
+    def _seed_step(self, seed: int, step: int) -> None:
+        seed_everything(seed, self.ranks.rank, 1, step)
+
+    def _log(self, window: LossWindow, epoch: int, bar: tqdm) -> dict[str, Any]:
+        values = {**window.means(), **window.timing()}
+        values = average_scalars(values, self.ranks)  # every rank logs at the same steps
+        values["images_per_s"] *= self.ranks.world_size  # global throughput
+        if not all_finite(values):
+            raise TrainError(
+                f"loss is not finite at step {self.step} ({values['loss']}): "
+                "lower --lr, raise --warmup-steps or set --clip-grad"
+            )
+        record = {
+            "step": self.step,
+            "epoch": epoch,
+            "lr": self.last_lr,
+            **{k: round(v, 6) for k, v in values.items()},
+        }
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+        return record
+
+
+def _repeat(batches_for_epoch: Callable[[int], Iterable[Batch]], epoch: int) -> Iterator[Batch]:
+    """Endless batches: the epoch's iterable, started again whenever it ends."""
+    while True:
+        produced = False
+        for batch in batches_for_epoch(epoch):
+            produced = True
+            yield batch
+        if not produced:
+            raise TrainError("the training data yielded no batch (empty shards on this rank?)")
