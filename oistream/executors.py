@@ -53,6 +53,15 @@ def run_local(
     if not tasks:
         return
     processes = max(1, min(processes, len(tasks)))
+    if processes == 1:
+        # One worker gains nothing from a process: build here and skip the spawn.
+        for task in tasks:
+            try:
+                outcome: ShardResult | BaseException = build_shard(task, context, on_progress)
+            except Exception as error:
+                outcome = error
+            on_result(task, outcome)
+        return
     context = replace(context, concurrency=max(1, context.concurrency // processes))
     # spawn, not fork: the parent already holds s3fs clients and event loops.
     mp_context = multiprocessing.get_context("spawn")

@@ -1,0 +1,323 @@
+"""`oistream shard` end to end against moto's S3 server holding the fake bucket."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from oistream.cli import main
+from oistream.faultproxy import FaultProxy
+from oistream.shard import run_shard
+
+CLASSES = ["Person", "Car", "Traffic light", "Traffic sign"]
+CLASS_MIDS = {"/m/01g317", "/m/0k4j", "/m/015qff", "/m/01mqdt"}
+
+
+def shard_args(split: str, out: Path | str, *extra: str) -> list[str]:
+    return [
+        "shard",
+        "--classes",
+        *CLASSES,
+        "--split",
+        split,
+        "--out",
+        str(out),
+        "--metadata",
+        "s3://openimages",
+        "--samples-per-shard",
+        "3",
+        "--processes",
+        "1",  # in-process: quick; the pool is exercised where a test asks for 2
+        "--quiet",
+        *extra,
+    ]
+
+
+def read_tar(path: Path | bytes) -> list[tuple[str, bytes]]:
+    fileobj = io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")  # noqa: SIM115
+    with fileobj, tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file a run leaves, by name: shards, manifest and progress records."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "plan.json"
+    }
+
+
+def csv_rows(bucket: Path, split: str) -> dict[str, list[dict]]:
+    by_image: dict[str, list[dict]] = {}
+    path = bucket / "openimages" / "v5" / f"{split}-annotations-object-segmentation.csv"
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["LabelName"] in CLASS_MIDS:
+                by_image.setdefault(row["ImageID"], []).append(row)
+    return by_image
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_shards_hold_the_source_bytes_and_csv(s3_env, fake_bucket, tmp_path, split):
+    out = tmp_path / split
+    assert main(shard_args(split, out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = csv_rows(fake_bucket, split)
+    assert manifest["totals"]["samples"] == len(rows)  # every image carrying a selected class
+    assert [c["name"] for c in manifest["classes"]] == ["background", *CLASSES]
+    assert manifest["failures"] == []
+    seen = set()
+    for shard in manifest["shards"]:
+        members = read_tar(out / shard["name"])
+        assert sum(len(data) for _, data in members) < shard["bytes"]
+        records = {name: data for name, data in members}
+        for name, data in members:
+            if not name.endswith(".json"):
+                continue
+            image_id = name.split(".")[0]
+            seen.add(image_id)
+            record = json.loads(data)
+            source_image = fake_bucket / "open-images-dataset" / split / f"{image_id}.jpg"
+            assert records[f"{image_id}.jpg"] == source_image.read_bytes()
+            assert (record["image_id"], record["split"]) == (image_id, split)
+            expected = rows[image_id]
+            assert [x["mask_path"] for x in record["instances"]] == [
+                r["MaskPath"] for r in expected
+            ]
+            zip_path = (
+                fake_bucket
+                / "openimages"
+                / "v5"
+                / f"{split}-masks"
+                / f"{split}-masks-{image_id[0]}.zip"
+            )
+            with zipfile.ZipFile(zip_path) as masks:
+                for k, (instance, row) in enumerate(
+                    zip(record["instances"], expected, strict=True)
+                ):
+                    assert instance["mask"] == f"{k:03d}.mask.png"
+                    assert records[f"{image_id}.{k:03d}.mask.png"] == masks.read(row["MaskPath"])
+                    box = [float(row[c]) for c in ("BoxXMin", "BoxYMin", "BoxXMax", "BoxYMax")]
+                    assert instance["box"] == pytest.approx(box)
+                    assert instance["label"] == row["LabelName"]
+                    assert manifest["classes"][instance["class_index"]]["mid"] == row["LabelName"]
+    assert seen == set(rows)
+
+
+def test_reproducible_and_readable_by_webdataset_and_tar(s3_env, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(shard_args("train", first, "--processes", "2")) == 0
+    assert main(shard_args("train", second, "--processes", "1", "--concurrency", "7")) == 0
+    assert folder_bytes(first) == folder_bytes(second)
+
+    shards = sorted(str(p) for p in first.glob("train-*.tar"))
+    keys = [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False)]
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert len(keys) == len(set(keys)) == manifest["totals"]["samples"]
+    listing = subprocess.run(["tar", "-tf", shards[0]], capture_output=True, text=True, check=True)
+    names = listing.stdout.split()
+    assert names[0].endswith(".000.mask.png") and any(n.endswith(".jpg") for n in names)
+
+
+def test_rerun_skips_complete_shards_and_redoes_the_rest(s3_env, tmp_path):
+    out = tmp_path / "out"
+    assert main(shard_args("train", out)) == 0
+    reference = folder_bytes(out)
+    victim = sorted(out.glob("train-*.tar"))[1]
+    victim.unlink()
+    (out / "manifest.json").unlink()
+    kept = sorted(out.glob("train-*.tar"))[0]
+    kept_mtime = kept.stat().st_mtime_ns
+    assert main(shard_args("train", out)) == 0
+    assert folder_bytes(out) == reference
+    assert kept.stat().st_mtime_ns == kept_mtime  # not rewritten
+
+
+def test_kill_9_then_rerun_gives_identical_result(s3, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    env = {**os.environ, **s3.env()}
+
+    def command(folder: Path, processes: str = "2") -> list[str]:
+        args = shard_args("train", folder, "--concurrency", "1", "--processes", processes)
+        args[args.index("--samples-per-shard") + 1] = "1"  # many shards: a run to interrupt
+        return [sys.executable, "-m", "oistream", *args]
+
+    run = subprocess.Popen(command(out), env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("train-*.tar")) and time.monotonic() < deadline:
+            assert run.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the whole run, workers included
+        run.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before the kill"
+    rerun = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    subprocess.run(command(reference, processes="1"), env=env, check=True, timeout=300)
+    assert folder_bytes(out) == folder_bytes(reference)
+    assert not list(out.glob(".*.partial"))
+
+
+def _broken_copy(fake_bucket: Path, root: Path) -> dict[str, str]:
+    """Copies the bucket under other bucket names, with one image deleted, one mask corrupted
+    (valid zip, CRC matching the damaged bytes) and one member removed from its zip."""
+    images, metadata = root / "broken-images", root / "broken-metadata"
+    shutil.copytree(fake_bucket / "open-images-dataset", images)
+    shutil.copytree(fake_bucket / "openimages", metadata)
+    rows = list(csv_rows(fake_bucket, "validation").items())
+    deleted_image, corrupt_image, unzipped_image = rows[0][0], rows[1][0], rows[2][0]
+    (images / "validation" / f"{deleted_image}.jpg").unlink()
+    corrupt_mask = rows[1][1][0]["MaskPath"]
+    missing_mask = rows[2][1][0]["MaskPath"]
+    for target, action in ((corrupt_mask, "corrupt"), (missing_mask, "drop")):
+        zip_path = metadata / "v5" / "validation-masks" / f"validation-masks-{target[0]}.zip"
+        with zipfile.ZipFile(zip_path) as source:
+            entries = [(info, source.read(info)) for info in source.infolist()]
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as rewritten:
+            for info, data in entries:
+                if info.filename == target and action == "drop":
+                    continue
+                if info.filename == target:
+                    data = data[:40] + bytes(b ^ 0x5A for b in data[40:80]) + data[80:]
+                rewritten.writestr(info, data)
+    return {
+        deleted_image: "image",
+        corrupt_image: "corrupt",
+        unzipped_image: "missing from its zip",
+    }
+
+
+def test_failures_are_recorded_and_the_samples_left_out(s3_env, fake_bucket, tmp_path):
+    expected = _broken_copy(fake_bucket, tmp_path / "tree")
+    s3_env.upload_tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    args = shard_args("validation", out, "--images", "s3://broken-images")
+    args[args.index("s3://openimages")] = "s3://broken-metadata"
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    failures = {f["image_id"]: f["reason"] for f in manifest["failures"]}
+    assert set(failures) == set(expected)
+    for image_id, words in expected.items():
+        assert words in failures[image_id]
+    written = {name.split(".")[0] for shard in out.glob("*.tar") for name, _ in read_tar(shard)}
+    assert not written & set(expected)
+    assert manifest["totals"]["samples"] == len(csv_rows(fake_bucket, "validation")) - 3
+
+
+def test_faults_on_the_wire_still_give_complete_correct_shards(s3, s3_env, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    assert main(shard_args("test", clean)) == 0
+    with FaultProxy(
+        s3.endpoint_url, fail_rate=0.2, reset_rate=0.1, truncate_rate=0.1, seed=3
+    ) as proxy:
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint_url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        faulty = tmp_path / "faulty"
+        assert main(shard_args("test", faulty)) == 0
+        faults = proxy.stats.faults
+    assert folder_bytes(faulty) == folder_bytes(clean)
+    assert faults.get("fail", 0) > 0 and faults.get("reset", 0) + faults.get("truncate", 0) > 0
+
+
+def test_output_to_s3(s3_env, tmp_path):
+    local = tmp_path / "local"
+    assert main(shard_args("validation", local)) == 0
+    bucket = s3_env.make_bucket()
+    out = f"{bucket}/shards/validation"
+    assert main(shard_args("validation", out)) == 0
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_env.storage_options())
+    remote_manifest = json.loads(fs.cat(f"{out}/manifest.json"))
+    assert remote_manifest == json.loads((local / "manifest.json").read_text())
+    for shard in remote_manifest["shards"]:
+        assert fs.cat(f"{out}/{shard['name']}") == (local / shard["name"]).read_bytes()
+    assert not [p for p in fs.find(out) if p.endswith(".partial")]
+
+
+def test_dask_executor_gives_identical_shards(s3_env, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    local = tmp_path / "local"
+    assert main(shard_args("validation", local)) == 0
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        out = tmp_path / "dask"
+        report = run_shard(
+            CLASSES,
+            "validation",
+            str(out),
+            metadata="s3://openimages",
+            samples_per_shard=3,
+            executor="dask",
+            scheduler=cluster.scheduler_address,
+            show_progress=False,
+        )
+    assert report.shards_built == len(report.manifest["shards"]) > 1
+    assert folder_bytes(out) == folder_bytes(local)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unknown_class_gives_one_line_with_closest_names(s3_env, tmp_path, capsys):
+    args = shard_args("train", tmp_path / "x")
+    args[args.index("Car")] = "Persn"
+    assert main(args) == 1
+    line = _error_line(capsys)
+    assert "Persn" in line and "Person" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_unreachable_endpoint_gives_one_line(s3_env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert main(shard_args("train", tmp_path / "x")) == 1
+    assert "openimages" in _error_line(capsys)
+
+
+def test_wrong_images_bucket_stops_at_once(s3_env, tmp_path, capsys):
+    assert main(shard_args("train", tmp_path / "x", "--images", "s3://no-such-bucket")) == 1
+    assert "no-such-bucket" in _error_line(capsys)
+
+
+def test_another_plan_into_the_same_folder_is_refused(s3_env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(shard_args("validation", out)) == 0
+    before = folder_bytes(out)
+    assert main(shard_args("validation", out, "--seed", "5")) == 1
+    assert "another selection" in _error_line(capsys)
+    assert folder_bytes(out) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["shard", "--classes", "Person", "--split", "nope", "--out", "x"],
+        ["shard", "--classes", "Person", "--split", "train", "--out", "x", "--per-class", "0"],
+        ["shard", "--split", "train", "--out", "x"],
+    ],
+)
+def test_bad_arguments_give_one_line(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    _error_line(capsys)
