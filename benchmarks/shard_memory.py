@@ -2,9 +2,11 @@
 
 The fake bucket of ``shard_bytes.py`` (94,000 train images) is served by nginx behind the
 delaying proxy of ``_servers`` (``--latency``, default 0.1 s, so that requests pile up in flight
-as they would against S3). ``python -m oistream shard`` runs on a 1% and a 10% subset
+as they would against S3). ``python -m oistream shard`` runs on a 2% and a 20% subset
 (``--max-images``, classes Person, Car, Traffic light, Traffic sign, default concurrency and
-processes) while this script samples, every 20 ms, the resident set size (RSS) of the whole
+processes; 2% rather than 1% because a 1% subset is a single shard, which the command builds
+in its own process without a worker pool: a different process layout, not a smaller
+workload) while this script samples, every 20 ms, the resident set size (RSS) of the whole
 process tree: the command and its worker processes. Printed per subset: the peak of the tree's
 summed RSS (an upper bound: pages shared between processes count once per process), the peak
 of its summed PSS (each shared page split among its sharers: the tree's real footprint,
@@ -146,7 +148,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added per request")
     parser.add_argument("--concurrency", type=int, default=256, help="ours: --concurrency")
     parser.add_argument("--processes", type=int, default=None, help="ours: --processes")
-    parser.add_argument("--fractions", type=float, nargs=2, default=[0.01, 0.10])
+    parser.add_argument("--fractions", type=float, nargs=2, default=[0.02, 0.20])
     args = parser.parse_args()
     _servers.raise_on_sigterm()
     _servers.require_nginx()
