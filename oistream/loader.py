@@ -152,11 +152,20 @@ def _read_manifest(folder: str, options: dict[str, Any]) -> dict[str, Any] | Non
         return None
     except (OSError, ValueError) as error:
         raise OistreamError(f"cannot read {sources.join(folder, MANIFEST_NAME)}: {error}") from None
+    if not isinstance(manifest, dict):
+        raise OistreamError(f"{sources.join(folder, MANIFEST_NAME)} is not a shard manifest")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise OistreamError(
             f"{sources.join(folder, MANIFEST_NAME)} has shard format version {version}; "
             f"this oistream reads version {FORMAT_VERSION}"
+        )
+    classes = manifest.get("classes")
+    indices = [c.get("index") if isinstance(c, dict) else None for c in classes or []]
+    if indices != list(range(len(indices))) or not indices:
+        # Labels index the model's heads: a gap or a shuffled index would mislabel silently.
+        raise OistreamError(
+            f"{sources.join(folder, MANIFEST_NAME)}: 'classes' must list indices 0..K in order"
         )
     return manifest
 

@@ -135,6 +135,11 @@ def test_bad_sources_are_one_line_errors(tmp_path, shard_dir):
     (tmp_path / "v2" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
     with pytest.raises(OistreamError, match="format version 2"):
         ShardDataset(tmp_path / "v2")
+    (tmp_path / "gap").mkdir()
+    gap = {**manifest, "classes": [c for c in manifest["classes"] if c["index"] != 2]}
+    (tmp_path / "gap" / "manifest.json").write_text(json.dumps(gap))
+    with pytest.raises(OistreamError, match=r"indices 0\.\.K in order"):
+        ShardDataset(tmp_path / "gap")
     (tmp_path / "escape").mkdir()
     escaping = {**manifest, "shards": [{"name": "../train-000000.tar", "samples": 3}]}
     (tmp_path / "escape" / "manifest.json").write_text(json.dumps(escaping))
