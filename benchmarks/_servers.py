@@ -145,6 +145,36 @@ def wait_for_port(port: int, alive: Callable[[], bool], timeout: float = 20.0) -
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
+def run_command(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``command`` to completion in its own process group, output captured.
+
+    If we are interrupted (Ctrl-C, SIGTERM via ``raise_on_sigterm``) the whole group is killed:
+    the command's worker processes too, which would otherwise be left waiting for work.
+    """
+    process = subprocess.Popen(
+        command,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        kill_group(process.pid)
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` (one started with ``start_new_session``)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def raise_on_sigterm() -> None:
     """Turn SIGTERM into KeyboardInterrupt, so ``with`` blocks stop their servers on it too."""
 

@@ -71,7 +71,14 @@ def _peak_with_psutil(command: list[str], env: dict[str, str], cwd: Path) -> Pea
     import psutil
 
     started = time.perf_counter()
-    root = psutil.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    root = psutil.Popen(
+        command,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # so that an interrupt can kill its workers with it
+    )
     tree_peak = most = 0
     pss_peak: int | None = None
     by_role: dict[str, int] = {}
@@ -105,7 +112,8 @@ def _peak_with_psutil(command: list[str], env: dict[str, str], cwd: Path) -> Pea
             time.sleep(SAMPLE_SECONDS)
         _, stderr = root.communicate()
     except BaseException:
-        root.kill()
+        _servers.kill_group(root.pid)
+        root.wait()
         raise
     if root.returncode != 0:
         raise RuntimeError(f"oistream shard exited {root.returncode}:\n{stderr[-3000:]!r}")
@@ -121,7 +129,7 @@ def _peak_with_psutil(command: list[str], env: dict[str, str], cwd: Path) -> Pea
 
 def _peak_with_rusage(command: list[str], env: dict[str, str], cwd: Path) -> Peak:
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    result = _servers.run_command(command, env, cwd)
     if result.returncode != 0:
         raise RuntimeError(f"oistream shard exited {result.returncode}:\n{result.stderr[-3000:]}")
     # ru_maxrss is in kB on Linux and covers the largest descendant waited for so far.

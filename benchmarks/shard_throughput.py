@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,7 +73,7 @@ def run_timed(command: list[str], env: dict[str, str], cwd: Path) -> Timed:
     """Run ``command`` to completion; wall time from start to exit, CPU time of its tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    result = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    result = _servers.run_command(command, env, cwd)
     ended = time.monotonic()
     seconds = ended - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
