@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import queue as queue_module
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
@@ -28,6 +29,14 @@ def _init_worker(progress_queue: multiprocessing.Queue, parent_pid: int) -> None
     global _progress_queue, _parent_pid
     _progress_queue = progress_queue
     _parent_pid = parent_pid
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker idle on the pool's queue would outlive a killed parent (kill -9) forever."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _report_progress(samples: int, nbytes: int, failures: int) -> None:

@@ -16,8 +16,9 @@ from oistream.fetch import Fetcher, FetchError, MissingObject
 from oistream.plan import Plan
 from oistream.remotezip import ZipMember, read_central_directory
 
-# Central directories of train zips are ~17 MB each; a few at a time keeps the peak small.
-DIRECTORIES_AT_ONCE = 4
+# Central directories of train zips are ~17 MB each: enough at a time to hide the round trips
+# (three requests each), few enough to keep the peak small.
+DIRECTORIES_AT_ONCE = 8
 
 
 @dataclass

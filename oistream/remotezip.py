@@ -120,8 +120,13 @@ async def read_central_directory(
     cd_start = cd_offset + concat
     if cd_start < 0 or cd_start + cd_size > size:
         raise CorruptZip(f"{path}: central directory out of bounds", url=path)
+    cd_end = cd_start + cd_size
     if cd_start >= tail_start:
-        directory_bytes = tail[cd_start - tail_start : cd_start - tail_start + cd_size]
+        directory_bytes = tail[cd_start - tail_start : cd_end - tail_start]
+    elif cd_end > tail_start:
+        # The tail already holds the directory's last part: fetch only what comes before it.
+        head = await _fetch_chunked(fetcher, fs, path, cd_start, tail_start - cd_start)
+        directory_bytes = head + tail[: cd_end - tail_start]
     else:
         directory_bytes = await _fetch_chunked(fetcher, fs, path, cd_start, cd_size)
     del tail
