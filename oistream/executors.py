@@ -6,13 +6,15 @@ the same shards. Each shard task opens its own filesystems; nothing crosses a fo
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import queue as queue_module
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
 
 from oistream.errors import OistreamError
@@ -52,16 +54,21 @@ def _build_in_worker(task: ShardTask, context: JobContext) -> ShardResult:
 
 
 def run_local(
-    tasks: Sequence[ShardTask],
+    tasks: Iterable[ShardTask],
+    task_count: int,
     context: JobContext,
     processes: int,
     on_result: ResultCallback,
     on_progress: ProgressCallback | None = None,
 ) -> None:
-    """Up to ``processes`` shards at a time, each in its own process with its share of requests."""
-    if not tasks:
+    """Up to ``processes`` shards at a time, each in its own process with its share of requests.
+
+    ``tasks`` is consumed lazily, one task per free worker (plus one queued each), so only the
+    shards being built have their records in memory.
+    """
+    if task_count == 0:
         return
-    processes = max(1, min(processes, len(tasks)))
+    processes = max(1, min(processes, task_count))
     if processes == 1:
         # One worker gains nothing from a process: build here and skip the spawn.
         for task in tasks:
@@ -95,13 +102,18 @@ def run_local(
             initializer=_init_worker,
             initargs=(progress_queue, os.getpid()),
         ) as pool:
-            futures = {pool.submit(_build_in_worker, task, context): task for task in tasks}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            in_flight: dict[Future[ShardResult], ShardTask] = {}
+            waiting = iter(tasks)
+            while True:
+                for task in itertools.islice(waiting, 2 * processes - len(in_flight)):
+                    in_flight[pool.submit(_build_in_worker, task, context)] = task
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
+                    task = in_flight.pop(future)
                     error = future.exception()
-                    on_result(futures[future], error if error is not None else future.result())
+                    on_result(task, error if error is not None else future.result())
     finally:
         stop_draining.set()
         drainer.join()
@@ -109,14 +121,12 @@ def run_local(
 
 
 def run_dask(
-    tasks: Sequence[ShardTask],
+    tasks: Iterable[ShardTask],
     context: JobContext,
     scheduler: str | None,
     on_result: ResultCallback,
 ) -> None:
     """Each shard is one task on the cluster; this process only plans and gathers stats."""
-    if not tasks:
-        return
     try:
         from distributed import Client, as_completed
     except ImportError:
@@ -130,17 +140,31 @@ def run_dask(
     except OSError as error:
         raise OistreamError(f"cannot reach the Dask scheduler at {scheduler}: {error}") from None
     try:
-        futures = [
-            client.submit(build_shard, task, context, key=f"oistream-{task.spec.name}", pure=False)
-            for task in tasks
-        ]
-        task_of = {future.key: task for future, task in zip(futures, tasks, strict=True)}
-        for future in as_completed(futures):
-            task = task_of[future.key]
+        # Keep the cluster busy with a bounded number of submitted shards, topping it up as
+        # each finishes, so the client never holds every shard's records at once.
+        window = max(8, 2 * sum(client.nthreads().values()))
+        waiting = iter(tasks)
+        task_of = {}
+        completed = as_completed()
+        for task in itertools.islice(waiting, window):
+            future = client.submit(build_shard, task, context, key=_task_key(task))
+            task_of[future.key] = task
+            completed.add(future)
+        for future in completed:
+            task = task_of.pop(future.key)
             try:
                 outcome: ShardResult | BaseException = future.result()
             except Exception as error:
                 outcome = error
             on_result(task, outcome)
+            for task in itertools.islice(waiting, 1):
+                future = client.submit(build_shard, task, context, key=_task_key(task))
+                task_of[future.key] = task
+                completed.add(future)
     finally:
         client.close()
+
+
+def _task_key(task: ShardTask) -> str:
+    """Unique per run: Dask would hand back another run's result for a reused key."""
+    return f"oistream-{task.spec.name}-{uuid.uuid4().hex[:12]}"

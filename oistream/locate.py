@@ -33,9 +33,9 @@ def locate_members(
     plan: Plan, metadata_root: str, options: dict[str, Any], concurrency: int = 64
 ) -> MemberLocations:
     wanted: dict[str, set[str]] = defaultdict(set)
-    for shard in plan.shards:
-        for sample in shard.samples:
-            wanted[sample.image_id[0]].update(x["mask_path"] for x in sample.instances)
+    for mask_path in plan.mask_paths():
+        # MaskPath starts with the ImageID, whose first hex digit names the zip.
+        wanted[mask_path[0]].add(mask_path)
     return asyncio.run(_locate(plan.split, wanted, metadata_root, options, concurrency))
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 from oistream.catalog import OIClass, SegmentationTable, iter_image_instances
 
@@ -27,32 +29,102 @@ class SampleSpec:
 
 @dataclass
 class ShardSpec:
+    """One shard with its samples' records: what a worker needs to build it."""
+
     index: int
     name: str
     samples: list[SampleSpec]
 
 
-@dataclass
 class Plan:
-    split: str
-    classes: list[OIClass]
-    parameters: dict[str, Any]
-    shards: list[ShardSpec] = field(default_factory=list)
-    plan_hash: str = ""
+    """The selected images, cut into shards; sample records are built one shard at a time.
+
+    Only the image IDs per shard and the catalog rows of the selected images stay in memory:
+    instance records (with their parsed clicks) cost several times more and are made when a
+    shard is handed to a worker.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        classes: Sequence[OIClass],
+        parameters: dict[str, Any],
+        table: SegmentationTable,
+        shard_ids: list[list[str]],
+    ) -> None:
+        self.split = split
+        self.classes = list(classes)
+        self.parameters = parameters
+        self.shard_ids = shard_ids
+        self.shard_names = [shard_name(split, i) for i in range(len(shard_ids))]
+        selected = {image_id for ids in shard_ids for image_id in ids}
+        rows = table.rows
+        self._rows = rows[rows["ImageID"].isin(selected)] if len(rows) else rows
+        self._positions = self._rows.groupby("ImageID", sort=False).indices if selected else {}
+        self._class_index = {c.mid: i for i, c in enumerate(self.classes, start=1)}
+        self.plan_hash = self._compute_hash()
 
     @property
     def num_samples(self) -> int:
-        return sum(len(s.samples) for s in self.shards)
+        return sum(len(ids) for ids in self.shard_ids)
 
     @property
     def num_instances(self) -> int:
-        return sum(len(x.instances) for s in self.shards for x in s.samples)
+        return len(self._rows)
+
+    def image_ids(self) -> list[str]:
+        return [image_id for ids in self.shard_ids for image_id in ids]
+
+    def mask_paths(self) -> list[str]:
+        return self._rows["MaskPath"].tolist()
+
+    def shard(self, index: int) -> ShardSpec:
+        ids = self.shard_ids[index]
+        rows = self._rows.iloc[np.concatenate([self._positions[i] for i in ids])] if ids else None
+        samples = []
+        if rows is not None:
+            table = SegmentationTable(
+                rows=rows, total_rows=len(rows), malformed=0, malformed_examples=[]
+            )
+            for image_id, instances in iter_image_instances(table, ids):
+                for instance in instances:
+                    instance["class_index"] = self._class_index[instance["label"]]
+                samples.append(
+                    SampleSpec(image_id, [_instance_record(k, x) for k, x in enumerate(instances)])
+                )
+        return ShardSpec(index, self.shard_names[index], samples)
+
+    def shards(self) -> Iterator[ShardSpec]:
+        for index in range(len(self.shard_ids)):
+            yield self.shard(index)
+
+    def instances_per_class(self, excluding: set[str]) -> dict[str, int]:
+        """Instances of each selected class (by MID) in the samples not left out."""
+        kept = self._rows[~self._rows["ImageID"].isin(excluding)]
+        counts = kept["LabelName"].value_counts()
+        return {c.mid: int(counts.get(c.mid, 0)) for c in self.classes}
 
     def manifest_classes(self) -> list[dict[str, Any]]:
         """Index 0 is background; selected classes are 1..K in the order the user gave them."""
         return [{"index": 0, "mid": None, "name": "background"}] + [
             {"index": i, "mid": c.mid, "name": c.name} for i, c in enumerate(self.classes, start=1)
         ]
+
+    def _compute_hash(self) -> str:
+        digest = hashlib.sha256()
+        header = {
+            "split": self.split,
+            "classes": [asdict(c) for c in self.classes],
+            "parameters": self.parameters,
+        }
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        for shard in self.shards():
+            digest.update(shard.name.encode())
+            for sample in shard.samples:
+                digest.update(
+                    json.dumps([sample.image_id, sample.instances], sort_keys=True).encode()
+                )
+        return digest.hexdigest()
 
 
 def shard_name(split: str, index: int) -> str:
@@ -98,31 +170,18 @@ def make_plan(
 ) -> Plan:
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
-    class_index = {c.mid: i for i, c in enumerate(classes, start=1)}
     image_ids = select_images(table, classes, per_class, max_images, seed)
-    samples = []
-    for image_id, instances in iter_image_instances(table, image_ids):
-        for instance in instances:
-            instance["class_index"] = class_index[instance["label"]]
-        samples.append(
-            SampleSpec(image_id, [_instance_record(k, x) for k, x in enumerate(instances)])
-        )
-    plan = Plan(
-        split=split,
-        classes=list(classes),
-        parameters={
-            "per_class": per_class,
-            "max_images": max_images,
-            "samples_per_shard": samples_per_shard,
-            "seed": seed,
-        },
-    )
-    for index, start in enumerate(range(0, len(samples), samples_per_shard)):
-        plan.shards.append(
-            ShardSpec(index, shard_name(split, index), samples[start : start + samples_per_shard])
-        )
-    plan.plan_hash = compute_plan_hash(plan)
-    return plan
+    parameters = {
+        "per_class": per_class,
+        "max_images": max_images,
+        "samples_per_shard": samples_per_shard,
+        "seed": seed,
+    }
+    shard_ids = [
+        image_ids[start : start + samples_per_shard]
+        for start in range(0, len(image_ids), samples_per_shard)
+    ]
+    return Plan(split, classes, parameters, table, shard_ids)
 
 
 def _instance_record(k: int, instance: dict[str, Any]) -> dict[str, Any]:
@@ -137,22 +196,3 @@ def _instance_record(k: int, instance: dict[str, Any]) -> dict[str, Any]:
         "predicted_iou": instance["predicted_iou"],
         "clicks": instance["clicks"],
     }
-
-
-def compute_plan_hash(plan: Plan) -> str:
-    digest = hashlib.sha256()
-    header = {
-        "split": plan.split,
-        "classes": [asdict(c) for c in plan.classes],
-        "parameters": plan.parameters,
-    }
-    digest.update(json.dumps(header, sort_keys=True).encode())
-    for shard in plan.shards:
-        digest.update(shard.name.encode())
-        for sample in shard.samples:
-            digest.update(json.dumps([sample.image_id, sample.instances], sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def image_ids(shards: Iterable[ShardSpec]) -> list[str]:
-    return [sample.image_id for shard in shards for sample in shard.samples]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -85,7 +85,7 @@ def run_shard(
         samples_per_shard=samples_per_shard,
         seed=seed,
     )
-    if not plan.shards:
+    if not plan.shard_ids:
         raise OistreamError(
             f"no {split} images carry {', '.join(c.name for c in selected)}: nothing to shard"
         )
@@ -95,13 +95,13 @@ def run_shard(
     report = RunReport(manifest={}, malformed_rows=table.malformed)
     results: dict[str, dict[str, Any]] = {}
     todo = []
-    for spec in plan.shards:
-        done = location.read_json(progress_name(spec.name)) if location.exists(spec.name) else None
+    for index, name in enumerate(plan.shard_names):
+        done = location.read_json(progress_name(name)) if location.exists(name) else None
         if done is not None:
-            results[spec.name] = done
+            results[name] = done
             report.shards_skipped += 1
         else:
-            todo.append(spec)
+            todo.append(index)
 
     if todo:
         _check_images_reachable(plan, images, images_options)
@@ -111,19 +111,16 @@ def run_shard(
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
         report.requests += located.requests
-        tasks = [
-            ShardTask(
-                spec,
-                {
-                    x["mask_path"]: located.members[x["mask_path"]]
-                    for s in spec.samples
-                    for x in s.instances
-                    if x["mask_path"] in located.members
-                },
-                located.zip_errors,
-            )
-            for spec in todo
-        ]
+
+        def task(index: int) -> ShardTask:
+            spec = plan.shard(index)
+            paths = (x["mask_path"] for sample in spec.samples for x in sample.instances)
+            members = {p: located.members[p] for p in paths if p in located.members}
+            return ShardTask(spec, members, located.zip_errors)
+
+        # Made one by one as workers free up: a shard's records exist only while it is built.
+        tasks = (task(index) for index in todo)
+        total_samples = sum(len(plan.shard_ids[index]) for index in todo)
         context = JobContext(
             split=split,
             images_root=images_read,
@@ -134,7 +131,18 @@ def run_shard(
             out_options=out_options,
             concurrency=concurrency,
         )
-        _run_tasks(tasks, context, executor, scheduler, processes, show_progress, results, report)
+        _run_tasks(
+            tasks,
+            len(todo),
+            total_samples,
+            context,
+            executor,
+            scheduler,
+            processes,
+            show_progress,
+            results,
+            report,
+        )
 
     report.seconds = time.perf_counter() - started
     if report.errors:
@@ -163,7 +171,7 @@ def _claim_output(location: OutputLocation, plan: Plan) -> None:
                 "plan_hash": plan.plan_hash,
                 "split": plan.split,
                 "parameters": plan.parameters,
-                "shards": [s.name for s in plan.shards],
+                "shards": plan.shard_names,
             },
         )
 
@@ -175,7 +183,7 @@ def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) ->
     error other than not-found, means the root itself is wrong.
     """
     fs, _ = sources.filesystem(images, options)
-    first_ids = [s.image_id for shard in plan.shards for s in shard.samples][:3]
+    first_ids = plan.image_ids()[:3]
     for image_id in first_ids:
         url = sources.image_url(images, plan.split, image_id)
         try:
@@ -192,7 +200,9 @@ def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) ->
 
 
 def _run_tasks(
-    tasks: list[ShardTask],
+    tasks: Iterable[ShardTask],
+    task_count: int,
+    total_samples: int,
     context: JobContext,
     executor: str,
     scheduler: str | None,
@@ -201,7 +211,6 @@ def _run_tasks(
     results: dict[str, dict[str, Any]],
     report: RunReport,
 ) -> None:
-    total_samples = sum(len(t.spec.samples) for t in tasks)
     bar = tqdm(
         total=total_samples,
         unit="img",
@@ -245,7 +254,7 @@ def _run_tasks(
     try:
         if executor == "local":
             workers = processes or min(os.cpu_count() or 1, 8)
-            executors.run_local(tasks, context, workers, on_result, on_progress)
+            executors.run_local(tasks, task_count, context, workers, on_result, on_progress)
         elif executor == "dask":
             executors.run_dask(tasks, context, scheduler, on_result)
         else:
@@ -254,7 +263,7 @@ def _run_tasks(
         bar.close()
     if fetch_seconds > 0:
         # Shards built side by side each report their own mean; their sum is the run's mean.
-        processes_used = 1 if executor == "dask" else max(1, min(processes or 1, len(tasks)))
+        processes_used = 1 if executor == "dask" else max(1, min(processes or 1, task_count))
         report.mean_in_flight = in_flight_weighted / fetch_seconds * processes_used
 
 
@@ -268,16 +277,11 @@ def build_manifest(
     """Deterministic: no times or hosts, so an interrupted and resumed run writes the same file."""
     shards = []
     failures = []
-    per_class: Counter[str] = Counter()
-    failed_ids = set()
-    for spec in plan.shards:
-        result = results[spec.name]
+    for name in plan.shard_names:
+        result = results[name]
         shards.append(result["stats"])
         failures.extend(result["failures"])
-        failed_ids.update(f["image_id"] for f in result["failures"])
-        for sample in spec.samples:
-            if sample.image_id not in failed_ids:
-                per_class.update(x["label"] for x in sample.instances)
+    per_class = plan.instances_per_class(excluding={f["image_id"] for f in failures})
     names = {c.mid: c.name for c in plan.classes}
     return {
         "format_version": oistream.SHARD_FORMAT_VERSION,

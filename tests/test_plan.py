@@ -50,14 +50,14 @@ def test_per_class_takes_first_n_in_seeded_hash_order() -> None:
     people, cars = _ids(40, 1), _ids(30, 2)
     table = _table([(i, PERSON.mid) for i in people] + [(i, CAR.mid) for i in cars])
     plan = make_plan(table, [PERSON, CAR], "train", per_class=5, samples_per_shard=4, seed=7)
-    chosen = [s.image_id for shard in plan.shards for s in shard.samples]
+    chosen = plan.image_ids()
     expected_people = sorted(people, key=lambda i: hash_order_key(i, 7))[:5]
     expected_cars = sorted(cars, key=lambda i: hash_order_key(i, 7))[:5]
     assert set(chosen) == set(expected_people) | set(expected_cars)
     # the union is in hash order and cut into shards of 4, named by split and index
     assert chosen == sorted(chosen, key=lambda i: hash_order_key(i, 7))
-    assert [len(s.samples) for s in plan.shards] == [4, 4, 2]
-    assert [s.name for s in plan.shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [len(ids) for ids in plan.shard_ids] == [4, 4, 2]
+    assert plan.shard_names == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
 
 
 def test_order_is_not_id_order_and_seed_changes_it() -> None:
@@ -65,9 +65,9 @@ def test_order_is_not_id_order_and_seed_changes_it() -> None:
     table = _table([(i, PERSON.mid) for i in ids])
     first = make_plan(table, [PERSON], "train", per_class=20, seed=0)
     other = make_plan(table, [PERSON], "train", per_class=20, seed=1)
-    chosen = [s.image_id for s in first.shards[0].samples]
+    chosen = first.shard_ids[0]
     assert chosen != sorted(chosen)
-    assert set(chosen) != {s.image_id for s in other.shards[0].samples}
+    assert set(chosen) != set(other.shard_ids[0])
     assert first.plan_hash != other.plan_hash
 
 
@@ -77,9 +77,7 @@ def test_same_arguments_same_plan_and_hash() -> None:
     a = make_plan(table, [PERSON, CAR], "validation", per_class=10, samples_per_shard=3)
     b = make_plan(table, [PERSON, CAR], "validation", per_class=10, samples_per_shard=3)
     assert a.plan_hash == b.plan_hash
-    assert [[s.image_id for s in x.samples] for x in a.shards] == [
-        [s.image_id for s in x.samples] for x in b.shards
-    ]
+    assert [x.samples for x in a.shards()] == [x.samples for x in b.shards()]
     c = make_plan(table, [PERSON, CAR], "validation", per_class=10, samples_per_shard=4)
     assert c.plan_hash != a.plan_hash
 
@@ -88,7 +86,7 @@ def test_sample_holds_every_selected_instance_of_its_image_in_csv_order() -> Non
     image = _ids(1)[0]
     rows = [(image, CAR.mid), (image, PERSON.mid), (image, CAR.mid)]
     plan = make_plan(_table(rows), [PERSON, CAR], "train", per_class=1)
-    (sample,) = plan.shards[0].samples
+    (sample,) = plan.shard(0).samples
     assert [x["label"] for x in sample.instances] == [CAR.mid, PERSON.mid, CAR.mid]
     assert [x["class_index"] for x in sample.instances] == [2, 1, 2]
     assert [x["mask"] for x in sample.instances] == [
