@@ -18,6 +18,7 @@ from shardfactory import classes_table, random_samples, write_shards
 
 from train import checkpoint as ckpt
 from train.cli import main
+from train.config import DEMO_DEFAULTS, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = [
@@ -155,3 +156,21 @@ def test_the_entry_point_prints_one_line_and_no_traceback(tmp_path: Path) -> Non
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_an_evaluation(shards, capsys, tmp_path) -> None:
+    out = tmp_path / "run"
+    args = ["--train", str(shards["train"]), "--val", str(shards["val"]), "--out", str(out)]
+    limit = ["--time-limit-minutes", "0.0001", "--epochs", "5", "--steps-per-epoch", "2"]
+    assert main([*args, *CHEAP, *limit, "--num-predictions", "0"]) == 0
+    assert "stopped by the time limit at step 1" in capsys.readouterr().err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001.pt"]
+    assert json.loads((out / "eval.json").read_text())["step"] == 1
+
+
+def test_demo_defaults_yield_to_explicit_flags() -> None:
+    demo = parse_args(["--train", "t", "--out", "o", "--demo", "--epochs", "7"])
+    assert (demo.model, demo.weights, demo.epochs, demo.eval_every) == ("v2", "none", 7, 0)
+    assert demo.time_limit_minutes == DEMO_DEFAULTS["time_limit_minutes"]
+    plain = parse_args(["--train", "t", "--out", "o"])
+    assert (plain.model, plain.weights, plain.epochs) == ("v1", "coco", 12)

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from train.data import (
     make_batches,
     open_shards,
 )
-from train.distributed import Ranks, barrier, init_distributed, shutdown
+from train.distributed import Ranks, any_rank, barrier, init_distributed, shutdown
 from train.engine import RunOptions, Schedule, Trainer, make_deterministic, seed_everything
 from train.errors import TrainError
 from train.evaluate import evaluate
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
     """Train (or continue) and evaluate; returns the final evaluation on rank 0."""
+    started = time.monotonic()
     if args.deterministic:
         make_deterministic()
     seed_everything(args.seed, ranks.rank)
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
         max_size=args.max_size,
         rpn_batch_size_per_image=args.rpn_samples,
         box_batch_size_per_image=args.roi_samples,
+        rpn_post_nms_top_n_test=args.test_proposals,
         box_detections_per_img=args.detections_per_image,
     )
     if init is not None:
@@ -161,28 +164,45 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         stop_after=args.stop_after,
+        time_limit_s=None if args.time_limit_minutes is None else args.time_limit_minutes * 60,
         progress=not args.no_progress,
         extra_state=extra_state,
     )
     history: list[dict[str, Any]] = _previous_history(out) if resume is not None else []
+    evaluated_at: list[int] = []
 
     def evaluate_now(epochs_done: int) -> dict[str, Any] | None:
-        if val is None:
-            return None
-        return _evaluate(args, ranks, trainer, val, classes, precision, out, epochs_done, history)
+        evaluated_at.append(trainer.step)
+        minutes = (time.monotonic() - started) / 60
+        return _evaluate(
+            args, ranks, trainer, val, classes, precision, out, epochs_done, history, minutes
+        )
 
-    def after_epoch(epoch: int) -> None:
-        last = epoch + 1 == args.epochs
-        if args.eval_every and (epoch + 1) % args.eval_every == 0 and not last:
-            evaluate_now(epoch + 1)
+    def after_epoch(epochs_done: int) -> bool:
+        """Periodic evaluation; True (on every rank) stops training at the target mAP."""
+        due = val is not None and args.eval_every and epochs_done % args.eval_every == 0
+        if not due or epochs_done == args.epochs:
+            return False  # the final evaluation follows the loop
+        result = evaluate_now(epochs_done)
+        return any_rank(_reached(result, args.stop_at_map), ranks)
 
     trainer.fit(lambda epoch: device_batches(loader, ranks.device), options, after_epoch)
-    finished = trainer.step >= schedule.total_steps
-    result = evaluate_now(trainer.step // steps_per_epoch) if finished else None
+    # Evaluate at the end and when time ran out, not after an interruption (--stop-after).
+    result = None
+    ended = trainer.stop_reason in (None, "time limit")
+    if val is not None and ended and trainer.step not in evaluated_at:
+        result = evaluate_now(trainer.step // steps_per_epoch)
     barrier(ranks)
     if ranks.is_main:
-        _farewell(out, finished, trainer.step, result)
+        _farewell(out, trainer.stop_reason, trainer.step, history)
     return result
+
+
+def _reached(result: dict[str, Any] | None, target: float | None) -> bool:
+    if result is None or target is None:
+        return False
+    value = result["open_images"]["mAP@0.5"]
+    return value == value and value >= target  # NaN (no ground truth) never reaches it
 
 
 def _resume_state(
@@ -225,6 +245,7 @@ def _evaluate(
     out: Path,
     epoch: int,
     history: list[dict[str, Any]],
+    minutes: float,
 ) -> dict[str, Any] | None:
     from tqdm import tqdm
 
@@ -256,6 +277,7 @@ def _evaluate(
     headline = {
         "step": trainer.step,
         "epoch": epoch,
+        "minutes": round(minutes, 3),  # from the process start to this evaluation
         "mask_mAP@0.5": result["open_images"]["mAP@0.5"],
         "coco_mask_AP": result["coco"]["segm"]["AP"],
         "coco_box_AP": result["coco"]["bbox"]["AP"],
@@ -318,12 +340,20 @@ def _announce(
     )
 
 
-def _farewell(out: Path, finished: bool, step: int, result: dict[str, Any] | None) -> None:
-    state = "finished" if finished else f"stopped at step {step} (continue with --resume auto)"
+def _farewell(out: Path, stop_reason: str | None, step: int, history: list[dict[str, Any]]) -> None:
+    state = {
+        None: "finished",
+        "time limit": f"stopped by the time limit at step {step}",
+        "after_epoch": f"reached the target mAP at step {step}",
+        "stop_after": f"stopped at step {step} (continue with --resume auto)",
+    }[stop_reason]
     lines = [f"training {state}", f"  checkpoints: {out / 'checkpoints'}"]
     lines.append(f"  metrics:     {out / 'metrics.jsonl'}")
-    if result is not None:
-        lines.append(f"  evaluation:  {out / 'eval.json'}")
-        if result.get("predictions"):
-            lines.append(f"  pictures:    {out / 'predictions'}")
+    if history:
+        last = history[-1]
+        lines.append(
+            f"  evaluation:  {out / 'eval.json'} (step {last['step']}: mask mAP@0.5 "
+            f"{last['mask_mAP@0.5']:.3f}, COCO mask AP {last['coco_mask_AP']:.3f})"
+        )
+        lines.append(f"  pictures:    {out / 'predictions'}")
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -91,3 +91,13 @@ def gather_to_main(obj: Any, ranks: Ranks) -> list[Any] | None:
     gathered: list[Any] | None = [None] * ranks.world_size if ranks.is_main else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
+
+
+def any_rank(flag: bool, ranks: Ranks) -> bool:
+    """True on every rank if ``flag`` is True on any (every rank must call it)."""
+    if not ranks.distributed:
+        return flag
+    device = ranks.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -80,6 +80,7 @@ class RunOptions:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total
+    time_limit_s: float | None = None  # stop (with a checkpoint) after this much training time
     progress: bool = True
     extra_state: dict[str, Any] | None = None  # saved in every checkpoint (args, classes)
 
@@ -119,6 +120,7 @@ class Trainer:
         )
         self.scaler = precision.make_scaler()
         self.step = 0  # optimizer steps done
+        self.stop_reason: str | None = None  # why the last fit ended early
         self.last_lr = schedule.lr
 
     # -- one step ---------------------------------------------------------------------------
@@ -183,15 +185,22 @@ class Trainer:
         self,
         batches_for_epoch: Callable[[int], Iterable[Batch]],
         options: RunOptions,
-        after_epoch: Callable[[int], None] | None = None,
+        after_epoch: Callable[[int], bool] | None = None,
     ) -> list[dict[str, Any]]:
-        """Train from ``self.step`` to the end; returns the metrics records written."""
+        """Train from ``self.step`` to the end; returns the metrics records written.
+
+        Training ends early at ``options.stop_after`` steps, when ``options.time_limit_s`` has
+        passed, or when ``after_epoch(epochs_done)`` returns True (it must return the same on
+        every rank); ``self.stop_reason`` then says which. A checkpoint is written either way.
+        """
         sched = self.schedule
         metrics = MetricsLog(options.out / "metrics.jsonl" if self.ranks.is_main else None)
         records: list[dict[str, Any]] = []
         end = sched.total_steps
         if options.stop_after is not None:
             end = min(end, options.stop_after)
+        started = time.monotonic()
+        self.stop_reason = None
         bar = tqdm(
             total=sched.total_steps,
             initial=self.step,
@@ -202,11 +211,11 @@ class Trainer:
         window = LossWindow()
         last_saved = -1
         try:
-            while self.step < end:
+            while self.step < end and self.stop_reason is None:
                 epoch = self.step // sched.steps_per_epoch
                 epoch_end = min((epoch + 1) * sched.steps_per_epoch, end)
                 batches = self._epoch_stream(batches_for_epoch, epoch, options.seed)
-                while self.step < epoch_end:
+                while self.step < epoch_end and self.stop_reason is None:
                     self._seed_step(options.seed, self.step)
                     waited = time.perf_counter()
                     images, targets = next(batches)
@@ -214,18 +223,33 @@ class Trainer:
                     losses = self.train_step(images, targets)
                     window.add(losses, len(images), waited)
                     bar.update(1)
+                    time_up = (
+                        options.time_limit_s is not None
+                        and time.monotonic() - started >= options.time_limit_s
+                    )
                     if self.step % options.log_every == 0 or self.step == end:
-                        record = self._log(window, epoch, bar)
+                        record, time_up = self._log(window, epoch, bar, time_up)
                         metrics.write(record)
                         records.append(record)
                         window = LossWindow()
+                    elif self.ranks.distributed:
+                        # Ranks agree on stopping only where they meet: at logging steps.
+                        time_up = False
                     if self.step % options.checkpoint_every == 0:
                         self.save(options)
                         last_saved = self.step
-                if self.step % sched.steps_per_epoch == 0 and after_epoch is not None:
-                    after_epoch(epoch)
+                    if time_up:
+                        self.stop_reason = "time limit"
+                if (
+                    self.step % sched.steps_per_epoch == 0
+                    and after_epoch is not None
+                    and after_epoch(self.step // sched.steps_per_epoch)
+                ):
+                    self.stop_reason = self.stop_reason or "after_epoch"
         finally:
             bar.close()
+        if self.stop_reason is None and self.step < sched.total_steps:
+            self.stop_reason = "stop_after"
         if last_saved != self.step:
             self.save(options)
         return records
@@ -250,9 +274,13 @@ class Trainer:
     def _seed_step(self, seed: int, step: int) -> None:
         seed_everything(seed, self.ranks.rank, 1, step)
 
-    def _log(self, window: LossWindow, epoch: int, bar: tqdm) -> dict[str, Any]:
-        values = {**window.means(), **window.timing()}
+    def _log(
+        self, window: LossWindow, epoch: int, bar: tqdm, time_up: bool
+    ) -> tuple[dict[str, Any], bool]:
+        """The window's metrics averaged over ranks, and whether any rank's time is up."""
+        values = {**window.means(), **window.timing(), "time_up": float(time_up)}
         values = average_scalars(values, self.ranks)  # every rank logs at the same steps
+        time_up = values.pop("time_up") > 0
         values["images_per_s"] *= self.ranks.world_size  # global throughput
         if not all_finite(values):
             raise TrainError(
@@ -266,7 +294,7 @@ class Trainer:
             **{k: round(v, 6) for k, v in values.items()},
         }
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
-        return record
+        return record, time_up
 
 
 def _repeat(batches_for_epoch: Callable[[int], Iterable[Batch]], epoch: int) -> Iterator[Batch]:
