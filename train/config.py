@@ -9,13 +9,14 @@ from collections.abc import Sequence
 REFERENCE_BATCH = 16
 
 # --demo: learn something from random weights in minutes on a laptop CPU. v2's normalised
-# heads train from scratch far more stably than v1's; images stay at their own size (the fake
-# bucket's 320 px), fewer sampled proposals make the heads cheap, a high lr with warm-up and
-# clipping makes the few steps count, and evaluation waits for the end.
+# heads train from scratch far more stably than v1's; images keep their own size (min and max
+# size both the fake bucket's long side of 320 px); fewer sampled proposals make the heads
+# cheap; a high lr with warm-up and clipping makes the few steps count; evaluation waits for
+# the end and keeps 300 proposals per image.
 DEMO_DEFAULTS: dict[str, object] = {
     "model": "v2",
     "weights": "none",
-    "min_size": 240,
+    "min_size": 320,
     "max_size": 320,
     "batch_size": 2,
     "workers": 2,

@@ -326,7 +326,10 @@ def evaluate(
             with precision.autocast():
                 predictions = model(images)
             for image, target, prediction in zip(images, targets, predictions, strict=True):
-                prediction = {k: v.float().cpu() for k, v in prediction.items()}
+                prediction = {
+                    k: (v.float() if v.is_floating_point() else v).cpu()
+                    for k, v in prediction.items()
+                }
                 key = str(target.get("image_key", f"rank{ranks.rank}-{seen}"))
                 records.add(key, target, prediction)
                 if on_prediction is not None:
