@@ -99,35 +99,42 @@ def _has_zero_byte(word):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _at(array, index):
+    """array[index] for an index known to be >= 0, in the hot loops. An unsigned index skips
+    numba's negative-index fix-up, which keeps LLVM from vectorising a loop; indexing the whole
+    array instead of a slice of it creates no view, whose atomic reference counting would cost
+    more than the scan of a row."""
+    return array[np.uint64(index)]
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _next_foreground(flat, words, position, end):
     """Index of the first non-zero byte of flat[position:end], or end.
 
-    ``words`` is ``flat`` seen as uint64. Zero stretches go 64 bytes per step; the word loops
-    index a slice from 0, which lets LLVM drop numba's negative-index checks (2x faster).
+    ``words`` is ``flat`` seen as uint64: zero stretches go 64 bytes per step.
     """
     while position < end and (position & 7) != 0:
         if flat[position] != 0:
             return position
         position += 1
-    first_word = position >> 3
-    span = words[first_word : end >> 3]
-    k = 0
-    while k + 8 <= span.shape[0]:
+    k = position >> 3
+    stop = min(end >> 3, words.shape[0])
+    while k + 8 <= stop:
         if (
-            span[k]
-            | span[k + 1]
-            | span[k + 2]
-            | span[k + 3]
-            | span[k + 4]
-            | span[k + 5]
-            | span[k + 6]
-            | span[k + 7]
+            _at(words, k)
+            | _at(words, k + 1)
+            | _at(words, k + 2)
+            | _at(words, k + 3)
+            | _at(words, k + 4)
+            | _at(words, k + 5)
+            | _at(words, k + 6)
+            | _at(words, k + 7)
         ) != _ZERO_WORD:
             break
         k += 8
-    while k < span.shape[0] and span[k] == _ZERO_WORD:
+    while k < stop and _at(words, k) == _ZERO_WORD:
         k += 1
-    position = max(position, (first_word + k) << 3)
+    position = max(position, k << 3)
     while position < end:
         if flat[position] != 0:
             return position
@@ -142,25 +149,24 @@ def _next_background(flat, words, position, end):
         if flat[position] == 0:
             return position
         position += 1
-    first_word = position >> 3
-    span = words[first_word : end >> 3]
-    k = 0
-    while k + 8 <= span.shape[0]:
+    k = position >> 3
+    stop = min(end >> 3, words.shape[0])
+    while k + 8 <= stop:
         if (
-            _has_zero_byte(span[k])
-            | _has_zero_byte(span[k + 1])
-            | _has_zero_byte(span[k + 2])
-            | _has_zero_byte(span[k + 3])
-            | _has_zero_byte(span[k + 4])
-            | _has_zero_byte(span[k + 5])
-            | _has_zero_byte(span[k + 6])
-            | _has_zero_byte(span[k + 7])
+            _has_zero_byte(_at(words, k))
+            | _has_zero_byte(_at(words, k + 1))
+            | _has_zero_byte(_at(words, k + 2))
+            | _has_zero_byte(_at(words, k + 3))
+            | _has_zero_byte(_at(words, k + 4))
+            | _has_zero_byte(_at(words, k + 5))
+            | _has_zero_byte(_at(words, k + 6))
+            | _has_zero_byte(_at(words, k + 7))
         ) != _ZERO_WORD:
             break
         k += 8
-    while k < span.shape[0] and _has_zero_byte(span[k]) == _ZERO_WORD:
+    while k < stop and _has_zero_byte(_at(words, k)) == _ZERO_WORD:
         k += 1
-    position = max(position, (first_word + k) << 3)
+    position = max(position, k << 3)
     while position < end:
         if flat[position] == 0:
             return position
@@ -176,10 +182,10 @@ def _row_summary(flat, words, start, end):
     last_word = end >> 3
     any_set = _ZERO_WORD
     any_zero = _ZERO_WORD
-    span = words[first_word:last_word]
-    for k in range(span.shape[0]):
-        any_set |= span[k]
-        any_zero |= _has_zero_byte(span[k])
+    for k in range(first_word, last_word):
+        word = _at(words, k)
+        any_set |= word
+        any_zero |= _has_zero_byte(word)
     # The bytes before the first and after the last whole word (overlap is harmless).
     edge = False
     for position in range(start, min(end, first_word << 3)):
@@ -198,12 +204,11 @@ def _foreground_extent(flat, words, start, end):
     The words are searched in one branch-free pass (min/max of the non-zero words' indices),
     then the few bytes around the two words found."""
     first_word = (start + 7) >> 3
-    span = words[first_word : end >> 3]
-    n_words = span.shape[0]
+    n_words = max(0, (end >> 3) - first_word)
     lowest = n_words
     highest = -1
     for k in range(n_words):
-        non_zero = span[k] != _ZERO_WORD
+        non_zero = _at(words, first_word + k) != _ZERO_WORD
         lowest = min(lowest, k if non_zero else n_words)
         highest = max(highest, k if non_zero else -1)
     head_end = min(end, first_word << 3)  # bytes before the first whole word
@@ -278,7 +283,7 @@ def _write_run(out, plane, y, x_begin, x_end, box):
     box[3] = max(box[3], y + 1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _paint_row(out, plane, y, runs, n_runs, claims, n_claims, merged, box):
     """Write row y of the instance on ``plane``: its runs minus what later instances claimed;
     then add the runs to the claims.
@@ -323,7 +328,8 @@ def _paint_row(out, plane, y, runs, n_runs, claims, n_claims, merged, box):
             merged[2 * n_merged] = begin
             merged[2 * n_merged + 1] = end
             n_merged += 1
-    row_claims[: 2 * n_merged] = merged[: 2 * n_merged]
+    for k in range(2 * n_merged):  # a loop, not slices: views cost atomic reference counts
+        row_claims[k] = merged[k]
     n_claims[y] = n_merged
 
 
