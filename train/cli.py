@@ -143,6 +143,9 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
         train=True,
         seed=args.seed,
         epoch_samples=steps_per_epoch * args.batch_size,
+        # Evaluation scores masks as annotated; training on occluded masks would teach the
+        # model to predict visible parts and cap mask IoU on every overlapped object.
+        resolve_occlusion=args.train_masks == "visible",
     )
     # Persistent workers copy the dataset once and advance its epoch themselves, so the
     # starting epoch is set before they start (it matters when resuming).

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode each batch's JPEGs on the GPU (nvJPEG) in the main process",
     )
     data.add_argument(
+        "--train-masks",
+        choices=("annotated", "visible"),
+        default="annotated",
+        help="train on masks as annotated (overlaps kept; what evaluation scores against) or "
+        "on their visible parts (later instances occlude earlier ones)",
+    )
+    data.add_argument(
         "--max-val-images",
         type=int,
         default=None,
