@@ -1,7 +1,7 @@
 """oistream: Open Images instance masks streamed from object storage into WebDataset shards.
 
 ``import oistream`` stays light (the command line imports it); the loader, which needs torch, is
-imported on first use of ``ShardDataset`` or ``make_loader``.
+imported on first use of one of its names.
 """
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 SHARD_FORMAT_VERSION = 1
 
-__all__ = ["SHARD_FORMAT_VERSION", "ShardDataset", "__version__", "make_loader"]
+__all__ = [
+    "SHARD_FORMAT_VERSION",
+    "ShardDataset",
+    "ShardWarning",
+    "__version__",
+    "image_id_to_int",
+    "make_loader",
+]
 
 if TYPE_CHECKING:
-    from oistream.loader import ShardDataset, make_loader
+    from oistream.loader import ShardDataset, ShardWarning, image_id_to_int, make_loader
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ShardDataset", "make_loader"):
+    if name in ("ShardDataset", "ShardWarning", "image_id_to_int", "make_loader"):
         from oistream import loader
 
         return getattr(loader, name)
