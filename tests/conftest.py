@@ -7,6 +7,7 @@
   ``open-images-dataset`` and ``openimages``: ``s3.endpoint_url``, ``s3.images_url``,
   ``s3.metadata_url``, ``s3.storage_options()``, ``s3.env()``, ``s3.make_bucket(name=None)``
   (a fresh bucket anonymous clients may write), ``s3.client`` (boto3).
+- ``moto_endpoint``: the URL of a bare moto S3 server, for tests that make their own objects.
 - ``s3_env``: ``s3`` with its ``env()`` applied to ``os.environ`` for one test.
 
 The server runs in this process and keeps its buckets in moto's process-wide backends: do not
@@ -86,6 +87,13 @@ def s3(fake_bucket: Path, _offline_aws_environment: None) -> Iterator[LocalS3]:
     with LocalS3() as server:
         server.upload_tree(fake_bucket)
         yield server
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(_offline_aws_environment: None) -> Iterator[str]:
+    """A bare moto S3 endpoint (no fake bucket) for tests that make their own objects."""
+    with LocalS3() as server:
+        yield server.endpoint_url
 
 
 @pytest.fixture

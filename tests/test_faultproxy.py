@@ -10,28 +10,17 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
 import s3fs
 from aiohttp import web
-from moto.server import ThreadedMotoServer
 
 from oistream.faultproxy import FaultProxy
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 CREDENTIALS = {"key": "testing", "secret": "testing"}
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

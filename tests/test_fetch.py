@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,6 @@ import botocore.exceptions
 import fsspec
 import pytest
 import s3fs
-from moto.server import ThreadedMotoServer
 from s3fs.errors import translate_boto_error
 
 from oistream.faultproxy import FaultProxy
@@ -34,15 +32,6 @@ logging.getLogger("werkzeug").setLevel(logging.ERROR)
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 QUICK = RetryPolicy(attempts=5, base_delay=0.001, max_delay=0.01, timeout=20)
 BLOB_SIZE = 200_000
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

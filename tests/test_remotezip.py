@@ -10,7 +10,6 @@ import random
 import struct
 import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -20,7 +19,6 @@ import pytest
 import s3fs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moto.server import ThreadedMotoServer
 
 from oistream.faultproxy import FaultProxy
 from oistream.fetch import Fetcher, MissingObject, RetryPolicy
@@ -119,15 +117,6 @@ def has_zip64_end_record(data: bytes) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # A bucket on a local S3 server
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 class Bucket:
