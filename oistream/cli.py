@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_positive, default=256, help="requests in flight (default: 256)"
     )
     shard.add_argument("--processes", type=_positive, help="local worker processes")
+    shard.add_argument(
+        "--zip-index-cache",
+        metavar="DIR",
+        help="keep the mask zips' central directories here (keyed by size and ETag) so "
+        "later runs skip reading them",
+    )
     shard.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_locations(shard)
 
@@ -135,6 +141,7 @@ def _shard(args: argparse.Namespace) -> None:
         processes=args.processes,
         endpoint_url=args.endpoint_url,
         show_progress=not args.quiet,
+        zip_index_cache=args.zip_index_cache,
     )
     print(format_summary(report, args.out))
 

@@ -14,7 +14,7 @@ from typing import Any
 from oistream import sources
 from oistream.fetch import Fetcher, FetchError, MissingObject
 from oistream.plan import Plan
-from oistream.remotezip import ZipMember, read_central_directory
+from oistream.remotezip import CentralDirectoryCache, ZipMember, read_central_directory
 
 # Central directories of train zips are ~17 MB each: enough at a time to hide the round trips
 # (three requests each), few enough to keep the peak small.
@@ -30,13 +30,20 @@ class MemberLocations:
 
 
 def locate_members(
-    plan: Plan, metadata_root: str, options: dict[str, Any], concurrency: int = 64
+    plan: Plan,
+    metadata_root: str,
+    options: dict[str, Any],
+    concurrency: int = 64,
+    cache_dir: str | None = None,
 ) -> MemberLocations:
+    """``cache_dir`` keeps each directory on disk, keyed by the zip's size and ETag: a rerun
+    then costs one HEAD per zip instead of its whole directory."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for mask_path in plan.mask_paths():
         # MaskPath starts with the ImageID, whose first hex digit names the zip.
         wanted[mask_path[0]].add(mask_path)
-    return asyncio.run(_locate(plan.split, wanted, metadata_root, options, concurrency))
+    cache = CentralDirectoryCache(cache_dir) if cache_dir else None
+    return asyncio.run(_locate(plan.split, wanted, metadata_root, options, concurrency, cache))
 
 
 async def _locate(
@@ -45,6 +52,7 @@ async def _locate(
     metadata_root: str,
     options: dict[str, Any],
     concurrency: int,
+    cache: CentralDirectoryCache | None,
 ) -> MemberLocations:
     fs = await sources.open_async_filesystem(metadata_root, options)
     fetcher = Fetcher(concurrency=concurrency)
@@ -56,7 +64,7 @@ async def _locate(
         async with gate:
             try:
                 directory = await read_central_directory(
-                    fetcher, fs, fs._strip_protocol(url), wanted=names
+                    fetcher, fs, fs._strip_protocol(url), wanted=names, cache=cache
                 )
             except MissingObject:
                 result.zip_errors[prefix] = f"mask zip {url} is missing"

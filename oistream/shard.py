@@ -63,6 +63,7 @@ def run_shard(
     processes: int | None = None,
     endpoint_url: str | None = None,
     show_progress: bool = True,
+    zip_index_cache: str | None = None,
 ) -> RunReport:
     if split not in sources.SPLITS:
         raise OistreamError(f"unknown split {split!r}; choose one of {', '.join(sources.SPLITS)}")
@@ -107,7 +108,9 @@ def run_shard(
         _check_images_reachable(plan, images, images_options)
         images_read, images_read_options = sources.reading_location(images, images_options)
         metadata_read, metadata_read_options = sources.reading_location(metadata, metadata_options)
-        located = locate_members(plan, metadata_read, metadata_read_options)
+        located = locate_members(
+            plan, metadata_read, metadata_read_options, cache_dir=zip_index_cache
+        )
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
         report.requests += located.requests

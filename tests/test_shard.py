@@ -334,3 +334,20 @@ def test_bad_arguments_give_one_line(args, capsys):
         main(args)
     assert exit_info.value.code == 2
     _error_line(capsys)
+
+
+def test_zip_index_cache_spares_a_rerun_the_directories(s3_env, tmp_path):
+    cache = tmp_path / "cache"
+    common = {
+        "metadata": "s3://openimages",
+        "samples_per_shard": 3,
+        "processes": 1,
+        "show_progress": False,
+        "zip_index_cache": str(cache),
+    }
+    first = run_shard(CLASSES, "validation", str(tmp_path / "a"), **common)
+    assert list(cache.iterdir())
+    second = run_shard(CLASSES, "validation", str(tmp_path / "b"), **common)
+    assert first.directory_bytes > 0
+    assert second.directory_bytes == 0
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
