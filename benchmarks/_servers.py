@@ -53,6 +53,22 @@ _METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ", b"OPTIONS ", b"PAT
 # The fake bucket, built once
 
 
+def prepare_bench(args: Any) -> dict:
+    """What every sharding benchmark does first: clean exits, nginx present, the bucket built.
+
+    ``args`` carries ``workdir``, ``images``, ``image_size`` and ``scenes``.
+    """
+    raise_on_sigterm()
+    require_nginx()
+    return cached_bucket(
+        args.workdir,
+        images=args.images,
+        image_size=args.image_size,
+        distinct_scenes=args.scenes,
+        zip64=True,
+    )
+
+
 def cached_bucket(
     workdir: Path,
     *,

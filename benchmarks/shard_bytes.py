@@ -144,16 +144,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--processes", type=int, default=None)
     args = parser.parse_args()
-    _servers.raise_on_sigterm()
-    _servers.require_nginx()
-
-    bucket = _servers.cached_bucket(
-        args.workdir,
-        images=args.images,
-        image_size=args.image_size,
-        distinct_scenes=args.scenes,
-        zip64=True,
-    )
+    bucket = _servers.prepare_bench(args)
     train = bucket["splits"]["train"]
     zips = _servers.mask_zip_paths(bucket["root"])
     directories = {prefix: zip_directory(path) for prefix, path in zips.items()}

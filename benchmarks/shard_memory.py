@@ -158,16 +158,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=None, help="ours: --processes")
     parser.add_argument("--fractions", type=float, nargs=2, default=[0.02, 0.20])
     args = parser.parse_args()
-    _servers.raise_on_sigterm()
-    _servers.require_nginx()
-
-    bucket = _servers.cached_bucket(
-        args.workdir,
-        images=args.images,
-        image_size=args.image_size,
-        distinct_scenes=args.scenes,
-        zip64=True,
-    )
+    bucket = _servers.prepare_bench(args)
     train_images = bucket["splits"]["train"]["images"]
     print(f"bucket: {bucket['root']} ({train_images} train images)")
     env = anonymous_environment()

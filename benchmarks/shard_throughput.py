@@ -265,16 +265,7 @@ def main() -> None:
         "--fractions", type=float, nargs="+", default=sorted(MARKS), help="subset sizes"
     )
     args = parser.parse_args()
-    _servers.raise_on_sigterm()
-    _servers.require_nginx()
-
-    bucket = _servers.cached_bucket(
-        args.workdir,
-        images=args.images,
-        image_size=args.image_size,
-        distinct_scenes=args.scenes,
-        zip64=True,
-    )
+    bucket = _servers.prepare_bench(args)
     train_images = bucket["splits"][SPLIT]["images"]
     print(
         f"bucket: {bucket['root']} ({train_images} train images, "
