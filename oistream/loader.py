@@ -295,6 +295,18 @@ def decode_image(data: bytes) -> torch.Tensor:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB)
 
 
+def encoded_jpeg(data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
+    """JPEG bytes as a 1-D uint8 tensor and (H, W) from the header, checked as ``decode_image``
+    checks them; decoding is left to the consumer (nvJPEG on the GPU)."""
+    with Image.open(io.BytesIO(data)) as probe:
+        width, height = probe.size
+        if probe.format != "JPEG":
+            raise _BadSample(f"image is {probe.format}, not JPEG: GPU decoding takes JPEGs only")
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise _BadSample(f"image of {width}x{height} pixels is over Pillow's limit")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), (height, width)
+
+
 def _short(error: Exception) -> str:
     # torchvision prefixes its messages with the C++ source location; the last part is the news.
     return str(error).rsplit(", ", 1)[-1] or type(error).__name__
@@ -331,8 +343,12 @@ class ShardDataset(IterableDataset):
         endpoint_url: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        decode_images: bool = True,
     ) -> None:
         super().__init__()
+        # False hands over each JPEG undecoded (a 1-D uint8 tensor, its size in
+        # target["image_size"]) for a batched GPU decode in the main process.
+        self.decode_images = decode_images
         first = os.fspath(source[0] if isinstance(source, (list, tuple)) and source else source)
         # Plain, picklable data only: workers build their own filesystems from it.
         if storage_options is None:
@@ -505,8 +521,11 @@ class ShardDataset(IterableDataset):
         instances = record.get("instances", [])
         if not isinstance(instances, list):
             raise _BadSample("'instances' is not a list")
-        image = decode_image(raw["jpg"])
-        height, width = int(image.shape[1]), int(image.shape[2])
+        if self.decode_images:
+            image = decode_image(raw["jpg"])
+            height, width = int(image.shape[1]), int(image.shape[2])
+        else:
+            image, (height, width) = encoded_jpeg(raw["jpg"])
         if (record.get("width"), record.get("height")) != (width, height):
             # The JPEG is the truth: masks are resized to what the model will see.
             _warn(
@@ -540,6 +559,8 @@ class ShardDataset(IterableDataset):
             "area": torch.from_numpy(_mask_areas(planes, boxes)),
             "iscrowd": torch.zeros(count, dtype=torch.int64),
         }
+        if not self.decode_images:
+            target["image_size"] = (height, width)
         return image, drop_small_instances(target, self.min_area)
 
 
@@ -568,8 +589,8 @@ def _batches(
     AspectRatioGroupedDataset). ``flush`` emits the leftovers at the end."""
     buckets: dict[bool, list[Sample]] = {True: [], False: []}
     for sample in samples:
-        image = sample[0]
-        bucket = buckets[bool(image.shape[-1] >= image.shape[-2]) or not group_by_aspect]
+        height, width = sample[1].get("image_size") or sample[0].shape[-2:]
+        bucket = buckets[bool(width >= height) or not group_by_aspect]
         bucket.append(sample)
         if len(bucket) == batch_size:
             yield [s[0] for s in bucket], [s[1] for s in bucket]

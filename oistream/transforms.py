@@ -23,7 +23,8 @@ def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
     Boxes are half-open pixel ranges (x1 = last column + 1), so x0' = W - x1 and x1' = W - x0
     is exactly the tight box of the flipped mask.
     """
-    width = image.shape[-1]
+    encoded = "image_size" in target  # an undecoded JPEG: flipped after decoding, by the consumer
+    width = target["image_size"][1] if encoded else image.shape[-1]
     flipped = dict(target)
     boxes = target["boxes"]
     flipped_boxes = boxes.clone()
@@ -31,6 +32,9 @@ def hflip(image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
     flipped_boxes[:, 2] = width - boxes[:, 0]
     flipped["boxes"] = flipped_boxes
     flipped["masks"] = target["masks"].flip(-1)
+    if encoded:
+        flipped["hflip"] = not target.get("hflip", False)
+        return image, flipped
     return image.flip(-1), flipped
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
     seed_everything(args.seed, ranks.rank)
     precision = choose_precision(args.amp, ranks.device)
     if args.gpu_decode:
-        check_gpu_decode_supported()
+        check_gpu_decode_supported(ranks.device)
     out = Path(args.out)
 
     # The manifest decides the classes; validation shards must agree with it.
@@ -146,6 +146,7 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
         # Evaluation scores masks as annotated; training on occluded masks would teach the
         # model to predict visible parts and cap mask IoU on every overlapped object.
         resolve_occlusion=args.train_masks == "visible",
+        decode_images=not args.gpu_decode,
     )
     # Persistent workers copy the dataset once and advance its epoch themselves, so the
     # starting epoch is set before they start (it matters when resuming).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torchvision
 
 import oistream
 from oistream.errors import OistreamError
@@ -55,8 +57,12 @@ def make_batches(
 def to_device(batch: Batch, device: torch.device, *, targets_too: bool = True) -> Batch:
     """uint8 images -> float [0, 1] on ``device`` (converted there: a quarter of the bytes
     cross the bus); target tensors follow unless ``targets_too`` is False (evaluation keeps the
-    ground truth on the host, where it is scored)."""
+    ground truth on the host, where it is scored). Undecoded JPEGs (1-D tensors, from
+    ``ShardDataset(decode_images=False)``) are decoded there as one batch (nvJPEG on a GPU)
+    and mirrored where the loader flipped their masks."""
     images, targets = batch
+    if images and images[0].dim() == 1:
+        images = decode_batch(images, targets, device)
     moved_images = [image.to(device, non_blocking=True).float().div_(255) for image in images]
     if targets_too:
         targets = [
@@ -76,10 +82,22 @@ def device_batches(
         yield to_device(batch, device, targets_too=targets_too)
 
 
-def check_gpu_decode_supported() -> None:
-    """``--gpu-decode`` needs the loader to hand over undecoded JPEG bytes; it has no such
-    option yet, so the flag stops here with one line instead of decoding twice."""
-    raise TrainError(
-        "--gpu-decode needs oistream's loader to hand over the raw JPEG bytes "
-        "(ShardDataset has no such option yet); run without --gpu-decode"
-    )
+def decode_batch(
+    encoded: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device
+) -> list[torch.Tensor]:
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks decode_jpeg deprecated in favour of TorchCodec; it still works.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        images = torchvision.io.decode_jpeg(
+            encoded, mode=torchvision.io.ImageReadMode.RGB, device=device
+        )
+    return [
+        image.flip(-1) if target.get("hflip") else image
+        for image, target in zip(images, targets, strict=True)
+    ]
+
+
+def check_gpu_decode_supported(device: torch.device) -> None:
+    """nvJPEG runs in the main process on a CUDA device; there is no point elsewhere."""
+    if device.type != "cuda":
+        raise TrainError("--gpu-decode needs a CUDA device (the CPU decodes in the workers)")
