@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
         default=60,
         help="length of the cosine schedule (sized so it ends near the time budget)",
     )
-    parser.add_argument("--eval-every", type=int, default=10, help="epochs between evaluations")
+    parser.add_argument("--eval-every", type=int, default=5, help="epochs between evaluations")
     parser.add_argument("--max-val-images", type=int, default=200)
     parser.add_argument("--workers", type=int, default=min(12, max((os.cpu_count() or 2) - 2, 1)))
     parser.add_argument("--model", choices=("v1", "v2"), default="v2")
