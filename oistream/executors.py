@@ -18,10 +18,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import replace
 
 from oistream.errors import OistreamError
-from oistream.shardjob import JobContext, ShardResult, ShardTask, build_shard
+from oistream.shardjob import JobContext, ProgressCallback, ShardResult, ShardTask, build_shard
 
 ResultCallback = Callable[[ShardTask, ShardResult | BaseException], None]
-ProgressCallback = Callable[[int, int, int], None]
 
 _progress_queue: multiprocessing.Queue | None = None
 _parent_pid: int | None = None

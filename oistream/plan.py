@@ -68,10 +68,6 @@ class Plan:
     def num_samples(self) -> int:
         return sum(len(ids) for ids in self.shard_ids)
 
-    @property
-    def num_instances(self) -> int:
-        return len(self._rows)
-
     def image_ids(self) -> list[str]:
         return [image_id for ids in self.shard_ids for image_id in ids]
 

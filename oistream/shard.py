@@ -19,7 +19,6 @@ from tqdm import tqdm
 import oistream
 from oistream import catalog, executors, sources
 from oistream.errors import OistreamError
-from oistream.fetch import FetchError
 from oistream.locate import locate_members
 from oistream.plan import DEFAULT_SAMPLES_PER_SHARD, Plan, make_plan
 from oistream.shardjob import JobContext, ShardResult, ShardTask, progress_name
@@ -336,4 +335,4 @@ def format_summary(report: RunReport, out: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FetchError", "RunReport", "build_manifest", "format_summary", "run_shard"]
+__all__ = ["RunReport", "build_manifest", "format_summary", "run_shard"]

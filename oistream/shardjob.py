@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from oistream import sources
-from oistream.fetch import Fetcher, FetchError, MissingObject
+from oistream.fetch import Fetcher, MissingObject
 from oistream.plan import SampleSpec, ShardSpec
 from oistream.remotezip import CorruptMember, ZipMember, fetch_members
 from oistream.writer import PROGRESS_FOLDER, OutputLocation, ShardStats
@@ -61,7 +61,6 @@ class ShardResult:
     bytes_requested: int = 0
     mean_in_flight: float = 0.0
     seconds: float = 0.0
-    fetch: dict[str, Any] = field(default_factory=dict)
 
 
 class SampleFailure(Exception):
@@ -247,4 +246,4 @@ def _check_png(data: bytes, name: str) -> None:
         raise SampleFailure(f"mask {name} is truncated")
 
 
-__all__ = ["FetchError", "JobContext", "ShardResult", "ShardTask", "build_shard"]
+__all__ = ["JobContext", "ShardResult", "ShardTask", "build_shard"]

@@ -14,7 +14,7 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from oistream import sources
@@ -184,7 +184,3 @@ class ShardFile:
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-def stats_dict(stats: ShardStats) -> dict[str, Any]:
-    return asdict(stats)
