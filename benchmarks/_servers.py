@@ -18,6 +18,7 @@ Everything listens on 127.0.0.1 only, and every server is stopped when its ``wit
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -51,6 +52,16 @@ _METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ", b"OPTIONS ", b"PAT
 
 # ---------------------------------------------------------------------------------------------
 # The fake bucket, built once
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every sharding benchmark shares: where the bucket lives and its shape."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--images", type=int, default=94_000, help="train images of the bucket")
+    parser.add_argument("--image-size", type=int, default=160, help="long side of the images")
+    parser.add_argument("--scenes", type=int, default=64, help="distinct scenes rendered")
+    return parser
 
 
 def prepare_bench(args: Any) -> dict:

@@ -23,7 +23,6 @@ Run: ``.venv/bin/python benchmarks/shard_bytes.py [--fraction 0.01] [--workdir D
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import shutil
@@ -135,11 +134,7 @@ def projection(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=_servers.DEFAULT_WORKDIR)
-    parser.add_argument("--images", type=int, default=94_000, help="train images of the bucket")
-    parser.add_argument("--image-size", type=int, default=160, help="long side of the images")
-    parser.add_argument("--scenes", type=int, default=64, help="distinct scenes rendered")
+    parser = _servers.bench_parser(__doc__)
     parser.add_argument("--fraction", type=float, default=0.01, help="share of images selected")
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--processes", type=int, default=None)

@@ -25,7 +25,6 @@ Run: ``.venv/bin/python benchmarks/shard_memory.py [--fractions 0.01 0.1]``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import resource
 import subprocess
@@ -148,11 +147,7 @@ def peak_memory(command: list[str], env: dict[str, str], cwd: Path) -> Peak:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=_servers.DEFAULT_WORKDIR)
-    parser.add_argument("--images", type=int, default=94_000, help="train images of the bucket")
-    parser.add_argument("--image-size", type=int, default=160, help="long side of the images")
-    parser.add_argument("--scenes", type=int, default=64, help="distinct scenes rendered")
+    parser = _servers.bench_parser(__doc__)
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added per request")
     parser.add_argument("--concurrency", type=int, default=256, help="ours: --concurrency")
     parser.add_argument("--processes", type=int, default=None, help="ours: --processes")

@@ -4,6 +4,8 @@ the GPU only changes where torchvision's decode_jpeg runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import oistream
@@ -11,16 +13,21 @@ from oistream.shard import run_shard
 from train.data import to_device
 
 
-def test_encoded_images_decode_to_the_loader_samples(s3_env, tmp_path):
-    out = tmp_path / "train"
+def _shards(split: str, tmp_path: Path) -> Path:
+    out = tmp_path / split
     run_shard(
         ["Person", "Car"],
-        "train",
+        split,
         str(out),
         metadata="s3://openimages",
         processes=1,
         show_progress=False,
     )
+    return out
+
+
+def test_encoded_images_decode_to_the_loader_samples(s3_env, tmp_path):
+    out = _shards("train", tmp_path)
     options = {"shuffle": 0, "train": True, "seed": 3}
     decoded = list(oistream.ShardDataset(str(out), **options))
     encoded = list(oistream.ShardDataset(str(out), decode_images=False, **options))
@@ -37,15 +44,7 @@ def test_encoded_images_decode_to_the_loader_samples(s3_env, tmp_path):
 
 
 def test_aspect_grouping_uses_the_header_size(s3_env, tmp_path):
-    out = tmp_path / "validation"
-    run_shard(
-        ["Person", "Car"],
-        "validation",
-        str(out),
-        metadata="s3://openimages",
-        processes=1,
-        show_progress=False,
-    )
+    out = _shards("validation", tmp_path)
     dataset = oistream.ShardDataset(str(out), shuffle=0, train=False, decode_images=False)
     for images, targets in oistream.make_loader(dataset, batch_size=2, group_by_aspect=True):
         sides = {t["image_size"][1] >= t["image_size"][0] for t in targets}
