@@ -16,10 +16,13 @@ steps after a warm-up, with the GPU synchronised at both ends of the timed windo
   the image's size) -> ``oistream.make_loader`` with ``--workers`` workers and pinned memory ->
   the trainer's ``to_device``, exactly the trainer's path. The warm-up is longer than the
   batches the workers can have prefetched, so the timed window sees the steady state;
+* from shards, JPEGs decoded on the GPU (the trainer's ``--gpu-decode``): the same, with
+  ``ShardDataset(decode_images=False)``; each batch's JPEGs are decoded at once by nvJPEG in
+  ``to_device``. Skipped with ``--no-gpu-decode``;
 * from memory (the no-loading limit): ``--preload`` batches taken from the same loader, kept
   on the GPU, fed in turn through the same ``to_device`` (a no-op copy there).
 
-Printed: the card, images/s of both, the loader alone (no model), and the data-loading
+Printed: the card, images/s of each, the loader alone (no model), and the data-loading
 overhead = 1 - shards / memory, against the mark of <= 5%.
 
 Run (about 2 minutes on one H100): ``python benchmarks/train_throughput.py``.
@@ -65,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preload", type=int, default=8, help="batches kept on the GPU")
     parser.add_argument("--model", choices=("v1", "v2"), default="v1")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    parser.add_argument("--no-gpu-decode", action="store_true", help="skip the nvJPEG phase")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny run on the CPU")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -99,12 +103,19 @@ def main() -> int:
     seed_everything(0)
     shards = fake_shards(args.workdir, images=args.images, image_size=args.image_size)["train"]
 
-    dataset = oistream.ShardDataset(
-        str(shards), shuffle=100, train=True, epoch_samples=10**9, seed=0
-    )
-    classes = describe_classes(dataset.classes)
-    loader = make_batches(dataset, args.batch_size, args.workers, device=device)
-    stream = iter(loader)
+    def shard_stream(decode_images: bool):
+        dataset = oistream.ShardDataset(
+            str(shards),
+            shuffle=100,
+            train=True,
+            epoch_samples=10**9,
+            seed=0,
+            decode_images=decode_images,
+        )
+        return iter(make_batches(dataset, args.batch_size, args.workers, device=device))
+
+    classes = describe_classes(oistream.ShardDataset(str(shards)).classes)
+    stream = shard_stream(decode_images=True)
     prefetched = args.workers * 2  # DataLoader's default prefetch_factor per worker
 
     # The loader alone: drain what the workers prefetched, then time the steady state.
@@ -136,11 +147,15 @@ def main() -> int:
     # runs the same to_device conversion as when fed from the loader, minus the copy.
     preloaded = [_on_device(next(stream), device) for _ in range(args.preload)]
     memory = itertools.cycle(preloaded)
+    # Streams are opened when their phase starts: idle workers of a later phase would
+    # otherwise compete for the CPUs with the phase being timed.
+    phases = [("shards", lambda: stream, args.warmup + prefetched)]
+    if not args.no_gpu_decode:
+        phases.append(("shards, GPU decode", lambda: shard_stream(False), args.warmup + prefetched))
+    phases.append(("memory", lambda: memory, args.warmup))
     results = {}
-    for phase, batches, warmup in (
-        ("shards", stream, args.warmup + prefetched),
-        ("memory", memory, args.warmup),
-    ):
+    for phase, open_batches, warmup in phases:
+        batches = open_batches()
         trainer.load_state_dict(initial)
         timed_steps(trainer, batches, warmup, device)
         seconds, waiting = timed_steps(trainer, batches, args.steps, device)
@@ -159,6 +174,12 @@ def main() -> int:
     )
     print(f"loader alone (no model):   {loader_ips:8.1f} images/s")
     print(f"trained from shards:       {shards_ips:8.1f} images/s (data wait {wait_fraction:.1%})")
+    if "shards, GPU decode" in results:
+        gpu_ips, gpu_wait = results["shards, GPU decode"]
+        print(
+            f"  with --gpu-decode:       {gpu_ips:8.1f} images/s (data wait {gpu_wait:.1%}; "
+            f"overhead {1 - gpu_ips / memory_ips:.1%})"
+        )
     print(f"trained from GPU memory:   {memory_ips:8.1f} images/s (the no-loading limit)")
     print(
         f"data-loading overhead: {overhead:.1%} (shards / memory = {shards_ips / memory_ips:.3f}; "
