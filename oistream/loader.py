@@ -51,7 +51,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from oistream import batchpack, sources
+from oistream import sources
 from oistream.errors import OistreamError
 from oistream.masks import assemble_masks, decode_mask_png
 from oistream.transforms import RandomHorizontalFlip, drop_small_instances
@@ -635,11 +635,8 @@ class _BatchedShards(IterableDataset):
         yield from itertools.islice(batches, _share(count, worker, num_workers))
 
 
-class _ShardLoader(DataLoader):
-    """A DataLoader whose workers send packed batches (``oistream.batchpack``), unpacked here."""
-
-    def __iter__(self) -> Iterator[Any]:
-        return map(batchpack.unpack, super().__iter__())
+def _keep_batch(batch: Any) -> Any:
+    return batch
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -668,11 +665,11 @@ def make_loader(
         raise ValueError("batch_size must be at least 1")
     options: dict[str, Any] = {
         "batch_size": None,
-        "collate_fn": batchpack.pack_in_worker,
+        "collate_fn": _keep_batch,
         "num_workers": num_workers,
         "worker_init_fn": _seed_worker,
     }
     if num_workers > 0:
         options["persistent_workers"] = True
     options.update(dataloader_kwargs)
-    return _ShardLoader(_BatchedShards(dataset, batch_size, group_by_aspect), **options)
+    return DataLoader(_BatchedShards(dataset, batch_size, group_by_aspect), **options)
