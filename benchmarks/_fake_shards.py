@@ -39,7 +39,14 @@ def fake_shards(
     bucket = root / "bucket"
     complete = bucket / ".complete"  # an interrupted build is redone, not reused
     if not complete.is_file():
-        make_fake_bucket(bucket, images=images, image_size=image_size, seed=seed, splits=splits)
+        make_fake_bucket(
+            bucket,
+            images=images,
+            image_size=image_size,
+            seed=seed,
+            splits=splits,
+            workers=os.cpu_count() or 1,
+        )
         complete.touch()
     env = {
         **os.environ,

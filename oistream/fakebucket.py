@@ -26,11 +26,13 @@ Everything is seeded: the same arguments give the same bytes.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import struct
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -521,6 +523,23 @@ def _render_scene(seed: Sequence[int], index: int, long_side: int) -> _Scene:
 # Writing the bucket
 
 
+def _render_scenes(seeds: list[tuple[int, ...]], long_side: int, workers: int) -> Iterator[_Scene]:
+    """Scene ``j`` rendered from ``seeds[j]`` with index ``j``, in order, by ``workers``
+    processes (each scene has its own seed: the bytes do not depend on ``workers``)."""
+    indices = range(len(seeds))
+    if workers <= 1 or len(seeds) < 2:
+        for seed, index in zip(seeds, indices, strict=True):
+            yield _render_scene(seed, index, long_side)
+        return
+    # spawn, not fork: callers (test fixtures, the demo) may have server threads running.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=context) as pool:
+        chunk = max(1, len(seeds) // (8 * workers))
+        yield from pool.map(
+            _render_scene, seeds, indices, [long_side] * len(seeds), chunksize=chunk
+        )
+
+
 def _box_ids(rng: np.random.Generator, count: int) -> list[str]:
     """``count`` distinct 8-hex BoxIDs (they only need to be unique within an image)."""
     ids: list[str] = []
@@ -601,10 +620,9 @@ class _Row:
 
 
 def _split_rows(
-    ids: list[str], scene_for: Callable[[int], _Scene], rng: np.random.Generator
+    ids: list[str], scenes: Iterable[_Scene], rng: np.random.Generator
 ) -> Iterator[tuple[str, _Scene, list[_Row]]]:
-    for j, image_id in enumerate(ids):
-        scene = scene_for(j)
+    for image_id, scene in zip(ids, scenes, strict=True):
         box_ids = _box_ids(rng, len(scene.instances))
         rows = [
             _Row(
@@ -656,6 +674,7 @@ def make_fake_bucket(
     zip64: bool = False,
     distinct_scenes: int | None = None,
     splits: Sequence[str] = SPLITS,
+    workers: int = 1,
 ) -> dict:
     """Write a synthetic Open Images bucket under ``root`` and return a summary of it.
 
@@ -664,6 +683,8 @@ def make_fake_bucket(
     end records even when they are small; validation and test zips always have them, so every
     reader meets them. ``distinct_scenes=K`` renders only K scenes and reuses their encoded bytes
     under fresh IDs: large buckets (tens of thousands of members per zip) in little time.
+    ``workers`` > 1 renders the scenes in that many processes (each scene has its own seed, so
+    the bytes are the same as with one).
 
     The summary: ``{"root", "images_root", "metadata_root", "splits": {split: {"images",
     "instances", "classes": {MID: instances}, "images_per_class": {MID: images}}}}``.
@@ -680,12 +701,9 @@ def make_fake_bucket(
     images_root, metadata = root / IMAGES_BUCKET, root / METADATA_BUCKET
     _write_class_lists(metadata)
 
-    scene_cache: dict[int, _Scene] = {}
-
-    def shared_scene(k: int) -> _Scene:
-        if k not in scene_cache:
-            scene_cache[k] = _render_scene((seed, 1000, k), k, image_size)
-        return scene_cache[k]
+    if distinct_scenes is not None:
+        shared_seeds = [(seed, 1000, k) for k in range(distinct_scenes)]
+        shared_scenes = list(_render_scenes(shared_seeds, image_size, workers))
 
     taken_ids: set[str] = set()
     summary: dict[str, Any] = {
@@ -704,10 +722,8 @@ def make_fake_bucket(
             continue
 
         if distinct_scenes is None:
-
-            def scene_for(j: int, split_index: int = split_index) -> _Scene:
-                return _render_scene((seed, split_index, j), j, image_size)
-
+            seeds = [(seed, split_index, j) for j in range(count)]
+            scenes: Iterable[_Scene] = _render_scenes(seeds, image_size, workers)
         else:
             # Every scene used equally often, in shuffled order: were image j to get scene
             # j % K, a zip (image j's prefix is j % 16) would always get the same scenes and
@@ -715,14 +731,13 @@ def make_fake_bucket(
             assignment = np.arange(count) % distinct_scenes
             np.random.default_rng([seed, 3000, split_index]).shuffle(assignment)
 
-            def scene_for(j: int, assignment: np.ndarray = assignment) -> _Scene:
-                return shared_scene(int(assignment[j]))
+            scenes = (shared_scenes[int(k)] for k in assignment)
 
         image_dir = images_root / split
         image_dir.mkdir(parents=True, exist_ok=True)
         rows: list[_Row] = []
         images_per_class: Counter[str] = Counter()
-        for image_id, scene, image_rows in _split_rows(ids, scene_for, id_rng):
+        for image_id, scene, image_rows in _split_rows(ids, scenes, id_rng):
             (image_dir / f"{image_id}.jpg").write_bytes(scene.jpeg)
             rows.extend(image_rows)
             images_per_class.update({row.mid for row in image_rows})
