@@ -45,7 +45,7 @@ def fake_shards(
             image_size=image_size,
             seed=seed,
             splits=splits,
-            workers=os.cpu_count() or 1,
+            processes=os.cpu_count() or 1,
         )
         complete.touch()
     env = {

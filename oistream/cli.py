@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--image-size", type=_positive, default=320, help="long side in pixels")
     fake.add_argument("--zip64", action="store_true", help="Zip64 end records in every zip")
     fake.add_argument(
-        "--workers", type=_positive, default=1, help="processes rendering scenes (default: 1)"
+        "--processes", type=_positive, default=1, help="processes rendering scenes (default: 1)"
     )
     fake.add_argument("--serve", action="store_true", help="serve it on a local S3 endpoint")
     fake.add_argument("--port", type=int, default=5000, help="port for --serve")
@@ -171,7 +171,7 @@ def _fake_bucket(args: argparse.Namespace) -> None:
         seed=args.seed,
         image_size=args.image_size,
         zip64=args.zip64,
-        workers=args.workers,
+        processes=args.processes,
     )
     splits = summary.get("splits", summary)
     counts = ", ".join(

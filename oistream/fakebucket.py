@@ -523,18 +523,20 @@ def _render_scene(seed: Sequence[int], index: int, long_side: int) -> _Scene:
 # Writing the bucket
 
 
-def _render_scenes(seeds: list[tuple[int, ...]], long_side: int, workers: int) -> Iterator[_Scene]:
-    """Scene ``j`` rendered from ``seeds[j]`` with index ``j``, in order, by ``workers``
-    processes (each scene has its own seed: the bytes do not depend on ``workers``)."""
+def _render_scenes(
+    seeds: list[tuple[int, ...]], long_side: int, processes: int
+) -> Iterator[_Scene]:
+    """Scene ``j`` rendered from ``seeds[j]`` with index ``j``, in order, in ``processes``
+    processes (each scene has its own seed: the bytes do not depend on how many)."""
     indices = range(len(seeds))
-    if workers <= 1 or len(seeds) < 2:
+    if processes <= 1 or len(seeds) < 2:
         for seed, index in zip(seeds, indices, strict=True):
             yield _render_scene(seed, index, long_side)
         return
     # spawn, not fork: callers (test fixtures, the demo) may have server threads running.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=context) as pool:
-        chunk = max(1, len(seeds) // (8 * workers))
+    with ProcessPoolExecutor(min(processes, len(seeds)), mp_context=context) as pool:
+        chunk = max(1, len(seeds) // (8 * processes))
         yield from pool.map(
             _render_scene, seeds, indices, [long_side] * len(seeds), chunksize=chunk
         )
@@ -674,7 +676,7 @@ def make_fake_bucket(
     zip64: bool = False,
     distinct_scenes: int | None = None,
     splits: Sequence[str] = SPLITS,
-    workers: int = 1,
+    processes: int = 1,
 ) -> dict:
     """Write a synthetic Open Images bucket under ``root`` and return a summary of it.
 
@@ -683,7 +685,7 @@ def make_fake_bucket(
     end records even when they are small; validation and test zips always have them, so every
     reader meets them. ``distinct_scenes=K`` renders only K scenes and reuses their encoded bytes
     under fresh IDs: large buckets (tens of thousands of members per zip) in little time.
-    ``workers`` > 1 renders the scenes in that many processes (each scene has its own seed, so
+    ``processes`` > 1 renders the scenes in that many processes (each scene has its own seed, so
     the bytes are the same as with one).
 
     The summary: ``{"root", "images_root", "metadata_root", "splits": {split: {"images",
@@ -703,7 +705,7 @@ def make_fake_bucket(
 
     if distinct_scenes is not None:
         shared_seeds = [(seed, 1000, k) for k in range(distinct_scenes)]
-        shared_scenes = list(_render_scenes(shared_seeds, image_size, workers))
+        shared_scenes = list(_render_scenes(shared_seeds, image_size, processes))
 
     taken_ids: set[str] = set()
     summary: dict[str, Any] = {
@@ -723,7 +725,7 @@ def make_fake_bucket(
 
         if distinct_scenes is None:
             seeds = [(seed, split_index, j) for j in range(count)]
-            scenes: Iterable[_Scene] = _render_scenes(seeds, image_size, workers)
+            scenes: Iterable[_Scene] = _render_scenes(seeds, image_size, processes)
         else:
             # Every scene used equally often, in shuffled order: were image j to get scene
             # j % K, a zip (image j's prefix is j % 16) would always get the same scenes and

@@ -282,9 +282,9 @@ def test_same_arguments_give_the_same_bytes(tmp_path: Path) -> None:
 def test_rendering_in_several_processes_gives_the_same_bytes(tmp_path: Path) -> None:
     args = {"images": 10, "image_size": 64, "seed": 3, "splits": ("train", "validation")}
     make_fake_bucket(tmp_path / "one", **args)
-    make_fake_bucket(tmp_path / "two", **args, workers=2)
+    make_fake_bucket(tmp_path / "two", **args, processes=2)
     make_fake_bucket(tmp_path / "shared-one", **args, distinct_scenes=3)
-    make_fake_bucket(tmp_path / "shared-two", **args, distinct_scenes=3, workers=2)
+    make_fake_bucket(tmp_path / "shared-two", **args, distinct_scenes=3, processes=2)
     assert tree_bytes(tmp_path / "one") == tree_bytes(tmp_path / "two")
     assert tree_bytes(tmp_path / "shared-one") == tree_bytes(tmp_path / "shared-two")
 
