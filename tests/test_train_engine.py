@@ -16,6 +16,7 @@ import torch
 from torchvision.models._api import WeightsEnum
 
 from train import checkpoint as ckpt
+from train.config import parse_args
 from train.distributed import Ranks
 from train.engine import Schedule, Trainer, seed_everything
 from train.errors import TrainError
@@ -95,6 +96,18 @@ def test_offline_coco_weights_fail_with_one_clear_line() -> None:
     message = str(raised.value)
     assert message.startswith("cannot download COCO weights (offline?): ")
     assert "\n" not in message
+
+
+def test_several_min_sizes_train_at_random_scales_and_evaluate_at_the_last() -> None:
+    args = parse_args(["--train", "t", "--val", "v", "--out", "o", "--min-size", "64", "80", "96"])
+    model = build_model(layout_for("v2", "none", None), 2, min_size=args.min_size, max_size=400)
+    image = torch.rand(3, 40, 50)
+    model.train()
+    torch.manual_seed(0)
+    trained_at = {model.transform([image])[0].image_sizes[0][0] for _ in range(30)}
+    assert trained_at == {64, 80, 96}
+    model.eval()
+    assert model.transform([image])[0].image_sizes[0][0] == 96
 
 
 def test_schedule_warms_up_linearly_then_steps_or_decays() -> None:

@@ -16,7 +16,7 @@ REFERENCE_BATCH = 16
 DEMO_DEFAULTS: dict[str, object] = {
     "model": "v2",
     "weights": "none",
-    "min_size": 320,
+    "min_size": [320],
     "max_size": 320,
     "batch_size": 2,
     "workers": 2,
@@ -87,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="coco (torchvision's COCO weights), none (random init) or a checkpoint path",
     )
     model.add_argument(
-        "--min-size", type=int, default=800, help="shorter image side after the model's resize"
+        "--min-size",
+        type=int,
+        nargs="+",
+        default=[800],
+        help="shorter image side after the model's resize; several values train at a size drawn "
+        "per image (multi-scale) and evaluate at the last",
     )
     model.add_argument(
         "--max-size", type=int, default=1333, help="cap on the longer side after the resize"

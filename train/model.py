@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -74,7 +75,7 @@ def build_model(
     num_classes: int,
     *,
     coco_weights: bool = False,
-    min_size: int = 800,
+    min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     **detector_options: Any,
 ) -> MaskRCNN:
@@ -84,7 +85,11 @@ def build_model(
     offline without a cached copy this is one ``TrainError`` line) and replace both predictors.
     Otherwise the weights are random and only the layout is built (for training from scratch,
     or for loading a checkpoint). ``detector_options`` go to torchvision's ``MaskRCNN``.
+    Several ``min_size`` values: torchvision's transform resizes each training image to one
+    drawn at random and evaluates at the last.
     """
+    if not isinstance(min_size, int):
+        min_size = tuple(min_size)
     builder, coco = _BUILDERS[layout.variant]
     options = dict(min_size=min_size, max_size=max_size, **detector_options)
     if coco_weights:
