@@ -70,9 +70,18 @@ def test_show_draws_a_png_and_refuses_unknown_keys(shard_folder, tmp_path, capsy
 
 
 def test_fake_bucket_command_writes_both_roots(tmp_path):
-    command = [sys.executable, "-m", "oistream", "fake-bucket", str(tmp_path), "--images", "8"]
     result = subprocess.run(
-        [*command, "--processes", "2"],
+        [
+            sys.executable,
+            "-m",
+            "oistream",
+            "fake-bucket",
+            str(tmp_path),
+            "--images",
+            "8",
+            "--processes",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -88,8 +88,6 @@ def build_model(
     Several ``min_size`` values: torchvision's transform resizes each training image to one
     drawn at random and evaluates at the last.
     """
-    if not isinstance(min_size, int):
-        min_size = tuple(min_size)
     builder, coco = _BUILDERS[layout.variant]
     options = dict(min_size=min_size, max_size=max_size, **detector_options)
     if coco_weights:
