@@ -96,7 +96,7 @@ class Tally:
     seconds: float = 0.0
     waiting: float = 0.0
     main_thread_cpu: float = 0.0
-    block_rates: list[float] = field(default_factory=list)  # images/s of each block
+    block_rates: list[float] = field(default_factory=list)  # steps/s of each block
 
 
 def run_steps(trainer: Trainer, batches, steps: int, device: torch.device, tally=None) -> None:
