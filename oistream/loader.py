@@ -28,6 +28,7 @@ therefore safe (fsspec also resets its IO loop in a forked child), and fork is w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -280,31 +281,44 @@ def decode_image(data: bytes) -> torch.Tensor:
     and returns the [3, H, W] layout directly. Pillow reads the header first: it refuses
     decompression bombs (MAX_IMAGE_PIXELS) and decodes anything that is not really a JPEG.
     """
-    with Image.open(io.BytesIO(data)) as probe:  # parses the header only
-        width, height = probe.size
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise _BadSample(f"image of {width}x{height} pixels is over Pillow's limit")
+    with _open_header(data) as probe:
         if probe.format != "JPEG":
             rgb = np.asarray(probe.convert("RGB"))
             return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    with warnings.catch_warnings():
-        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (another
-        # dependency); the CPU decoder still works and is the faster one here.
-        warnings.filterwarnings("ignore", _TORCHVISION_DEPRECATION, DeprecationWarning)
+    with torchvision_decoders_unwarned():
         return decode_jpeg(encoded, mode=ImageReadMode.RGB)
 
 
 def encoded_jpeg(data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
     """JPEG bytes as a 1-D uint8 tensor and (H, W) from the header, checked as ``decode_image``
     checks them; decoding is left to the consumer (nvJPEG on the GPU)."""
-    with Image.open(io.BytesIO(data)) as probe:
+    with _open_header(data) as probe:
         width, height = probe.size
         if probe.format != "JPEG":
             raise _BadSample(f"image is {probe.format}, not JPEG: GPU decoding takes JPEGs only")
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise _BadSample(f"image of {width}x{height} pixels is over Pillow's limit")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), (height, width)
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """Pillow's view of the image, its header parsed and nothing decoded yet; decompression
+    bombs (over MAX_IMAGE_PIXELS) are refused here, before any decoder sees them."""
+    probe = Image.open(io.BytesIO(data))
+    width, height = probe.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        probe.close()
+        raise _BadSample(f"image of {width}x{height} pixels is over Pillow's limit")
+    return probe
+
+
+@contextlib.contextmanager
+def torchvision_decoders_unwarned() -> Iterator[None]:
+    """torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (another
+    dependency); they still work, and the CPU one is the faster one here. Only that warning is
+    silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _TORCHVISION_DEPRECATION, DeprecationWarning)
+        yield
 
 
 def _short(error: Exception) -> str:

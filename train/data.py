@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import torchvision
 
 import oistream
 from oistream.errors import OistreamError
+from oistream.loader import torchvision_decoders_unwarned
 from train.errors import TrainError
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
@@ -85,9 +85,7 @@ def device_batches(
 def decode_batch(
     encoded: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device
 ) -> list[torch.Tensor]:
-    with warnings.catch_warnings():
-        # torchvision 0.29 marks decode_jpeg deprecated in favour of TorchCodec; it still works.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with torchvision_decoders_unwarned():
         images = torchvision.io.decode_jpeg(
             encoded, mode=torchvision.io.ImageReadMode.RGB, device=device
         )
