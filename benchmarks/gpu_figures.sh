@@ -3,7 +3,8 @@
 #   benchmarks/gpu_figures.sh LOGDIR [SECONDS]
 # train_throughput.py runs first (about 2.5 minutes on an H100 or H200); train_to_map.py gets
 # what is left of SECONDS (default 570), less a minute for building its bucket and the final
-# evaluation, at most 8 minutes of training (it reached its target in 4.3 on an H100). Logs and the trainer's eval.json / metrics.jsonl go to LOGDIR.
+# evaluation, at most 8 minutes of training (it reached its target in 4.3 on an H100).
+# Logs and the trainer's eval.json / metrics.jsonl go to LOGDIR.
 # SMOKE=1 runs both with --cpu-smoke (checks the script; the numbers mean nothing).
 set -o pipefail
 logs=${1:?usage: benchmarks/gpu_figures.sh LOGDIR [SECONDS]}
