@@ -1,6 +1,6 @@
 """Shards of a synthetic Open Images bucket for the training benchmarks, built the user's way.
 
-``fake_shards`` writes a fake bucket (``oistream.fakebucket``) into a work folder and shards it
+``fake_shards`` writes a fake bucket (``oistream.testing``) into a work folder and shards it
 with the real command line, ``python -m oistream shard``, reading the bucket's two roots as
 local paths (no S3 server needed). Results are cached by their parameters, so a second script in
 the same work folder reuses them.
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from oistream.fakebucket import make_fake_bucket
+from oistream.testing.fakebucket import make_fake_bucket
 
 CLASSES = ("Person", "Car", "Traffic light", "Traffic sign")
 REPO = str(Path(__file__).resolve().parents[1])  # so `python -m oistream` runs from a checkout

@@ -1,6 +1,6 @@
 """Shared pieces of the sharding benchmarks: a cached fake bucket, nginx, and a counting proxy.
 
-* ``cached_bucket`` builds a fake Open Images bucket (``oistream.fakebucket``) once per set of
+* ``cached_bucket`` builds a fake Open Images bucket (``oistream.testing``) once per set of
   parameters under a work folder and reuses it on later runs.
 * ``Nginx`` serves that folder over HTTP on 127.0.0.1 (path style: ``/{bucket}/{key}``), with
   ranges, keep-alive and sendfile. It stands in for S3: moto's server manages only ~230 GETs/s
@@ -95,7 +95,7 @@ def cached_bucket(
     Returns ``make_fake_bucket``'s summary plus ``"built_seconds"`` (0 when reused). The summary
     is written last, so a folder without it (an interrupted build) is rebuilt.
     """
-    from oistream.fakebucket import make_fake_bucket
+    from oistream.testing.fakebucket import make_fake_bucket
 
     name = f"bucket-n{images}-px{image_size}-scenes{distinct_scenes}-zip64{int(zip64)}-s{seed}"
     root = Path(workdir) / name

@@ -1,6 +1,6 @@
 """Loader throughput: ShardDataset against a folder-of-files Dataset and the decode limit.
 
-Data: a fake bucket (``oistream.fakebucket``, realistic scenes, masks at 1600/1024 of the image
+Data: a fake bucket (``oistream.testing``, realistic scenes, masks at 1600/1024 of the image
 size as 1-bit and 8-bit PNGs) at 1k and 10k train images, laid out twice from the same bytes:
 
 * format-v1 shards (``{id}.jpg``, ``{id}.json``, ``{id}.NNN.mask.png``), 1000 samples each;
@@ -47,9 +47,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from oistream.fakebucket import FAKE_CLASSES, SCENE_MIDS, make_fake_bucket
 from oistream.loader import ShardDataset, decode_image
 from oistream.masks import decode_mask_png, warm_up
+from oistream.testing.fakebucket import FAKE_CLASSES, SCENE_MIDS, make_fake_bucket
 
 # Classes as a manifest would number them: every class drawn in the fake scenes.
 CLASS_INDEX = {mid: i for i, mid in enumerate(SCENE_MIDS, start=1)}

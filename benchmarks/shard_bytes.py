@@ -2,7 +2,7 @@
 
 A fake bucket with realistic zips (94,000 train images by default: ~20k members in each of the
 16 zips, Zip64 end records) is served by nginx behind a counting proxy (no added latency).
-``oistream.shard.run_shard`` shards the first ``--fraction`` of its train images in hash order
+``run_shard`` shards the first ``--fraction`` of its train images in hash order
 (``--max-images`` = 1% of the train images, classes Person, Car, Traffic light, Traffic sign:
 in this fake nearly every image carries one of them). The proxy, not our code, counts what the
 server sent, split by kind of request. Printed:
@@ -154,7 +154,7 @@ def main() -> None:
         print("  WARNING: the issue asks for all 16 zips with at least 20k members each")
     max_images = max(1, round(args.fraction * train["images"]))
 
-    from oistream.shard import run_shard
+    from oistream.sharding.run import run_shard
 
     with contextlib.ExitStack() as stack:
         nginx = stack.enter_context(_servers.Nginx(bucket["root"]))

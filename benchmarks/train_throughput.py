@@ -1,6 +1,6 @@
 """Training throughput: Mask R-CNN fed from shards against the same model fed from GPU memory.
 
-Data: a fake bucket (``oistream.fakebucket``: realistic scenes, masks at 1600/1024 of the image
+Data: a fake bucket (``oistream.testing``: realistic scenes, masks at 1600/1024 of the image
 size) of ``--images`` train images with a long side of 1024 px, the real images' size, sharded
 with ``python -m oistream shard`` (``benchmarks/_fake_shards.py``; cached in ``--workdir``).
 

@@ -1,6 +1,6 @@
 """GPU minutes to mask mAP@0.5 >= 0.9: the trainer from random weights on a fake bucket's shards.
 
-Data: a fake bucket (``oistream.fakebucket``) of ``--images`` train images (validation:
+Data: a fake bucket (``oistream.testing.fakebucket``) of ``--images`` train images (validation:
 a quarter as many, different scenes) with a long side of ``--image-size`` px, sharded with
 ``python -m oistream shard`` (``benchmarks/_fake_shards.py``; cached in ``--workdir``).
 

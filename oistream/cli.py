@@ -7,6 +7,7 @@ lives in the modules each subcommand calls.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", required=True, help="PNG file to write")
     _add_endpoint(show)
 
+    commands.add_parser(
+        "train", help="train Mask R-CNN on shards (`oistream train --help`; extra [train])"
+    )
     fake = commands.add_parser("fake-bucket", help="write a synthetic bucket with the real layout")
     fake.add_argument("dir")
     fake.add_argument("--images", type=_positive, default=64, help="train images (default: 64)")
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _classes(args: argparse.Namespace) -> None:
-    from oistream import catalog
+    from oistream.sharding import catalog
 
     options = sources.storage_options(args.metadata, args.endpoint_url)
     found = catalog.search_classes(args.query, catalog.load_classes(args.metadata, options))
@@ -126,7 +130,7 @@ def _classes(args: argparse.Namespace) -> None:
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from oistream.shard import format_summary, run_shard
+    from oistream.sharding.run import format_summary, run_shard
 
     report = run_shard(
         args.classes,
@@ -150,7 +154,7 @@ def _shard(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from oistream.inspect import summarize
+    from oistream.inspection import summarize
 
     print(summarize(args.source, sources.storage_options(args.source, args.endpoint_url)))
 
@@ -163,7 +167,7 @@ def _show(args: argparse.Namespace) -> None:
 
 
 def _fake_bucket(args: argparse.Namespace) -> None:
-    from oistream.fakebucket import make_fake_bucket
+    from oistream.testing.fakebucket import make_fake_bucket
 
     summary = make_fake_bucket(
         args.dir,
@@ -179,8 +183,12 @@ def _fake_bucket(args: argparse.Namespace) -> None:
     )
     print(f"fake bucket at {args.dir}: {counts}")
     if args.serve:
-        from oistream.s3server import serve
-
+        try:
+            from oistream.testing.s3server import serve
+        except ModuleNotFoundError as error:
+            raise OistreamError(
+                f"--serve needs {error.name}: pip install 'oistream[serve]'"
+            ) from None
         serve(args.dir, port=args.port)
 
 
@@ -193,7 +201,39 @@ COMMANDS = {
 }
 
 
+# Commands whose code lives in the trainer package (`train/` in a checkout, installed as
+# `oistream.trainer`); they parse their own arguments and need the `[train]` extra.
+TRAINER_COMMANDS = {"train": "cli"}
+
+
+def _trainer_module(name: str):
+    """The trainer's module ``name``, from the installed package or from a checkout's ``train/``."""
+    for package in ("oistream.trainer", "train"):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name in ("torch", "torchvision", "webdataset", "numba", "pycocotools"):
+                raise OistreamError(
+                    f"this command needs {error.name}: pip install 'oistream[train]'"
+                ) from None
+            if error.name not in (package, f"{package}.{name}", package.split(".")[0]):
+                raise
+    raise OistreamError("the trainer is not installed: pip install 'oistream[train]'")
+
+
+def _run_trainer_command(command: str, argv: list[str]) -> int:
+    try:
+        module = _trainer_module(TRAINER_COMMANDS[command])
+    except OistreamError as error:
+        print(f"oistream {command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    return module.main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINER_COMMANDS:
+        return _run_trainer_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

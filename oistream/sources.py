@@ -145,7 +145,7 @@ async def open_async_filesystem(url: str, options: dict[str, Any] | None = None)
 
         return AsyncFileSystemWrapper(fs, asynchronous=True)
     if hasattr(fs, "set_session"):
-        from oistream.fetch import sole_retry_layer
+        from oistream.sharding.fetch import sole_retry_layer
 
         # Our fetcher retries with backoff; botocore's own retries underneath would multiply.
         sole_retry_layer(fs)

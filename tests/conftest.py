@@ -3,7 +3,7 @@
 - ``fake_bucket``: pathlib.Path of a fake bucket root (24 train images, 8 validation, 8 test,
   long side 160 px, seed 0), built once per session. ``fake_bucket_summary``: the dict that
   ``make_fake_bucket`` returned for it (counts per split and class).
-- ``s3``: a started ``oistream.s3server.LocalS3`` holding ``fake_bucket`` as the buckets
+- ``s3``: a started ``oistream.testing.s3server.LocalS3`` holding ``fake_bucket`` as the buckets
   ``open-images-dataset`` and ``openimages``: ``s3.endpoint_url``, ``s3.images_url``,
   ``s3.metadata_url``, ``s3.storage_options()``, ``s3.env()``, ``s3.make_bucket(name=None)``
   (a fresh bucket anonymous clients may write), ``s3.client`` (boto3).
@@ -26,8 +26,8 @@ from pathlib import Path
 import fsspec.config
 import pytest
 
-from oistream.fakebucket import make_fake_bucket
-from oistream.s3server import LocalS3
+from oistream.testing.fakebucket import make_fake_bucket
+from oistream.testing.s3server import LocalS3
 
 FAKE_BUCKET_ARGS = {"images": 24, "seed": 0, "image_size": 160}
 

@@ -1,6 +1,6 @@
 """Writes small shard sets in format v1 (DESIGN section 4) for the loader's tests.
 
-Independent of ``oistream.writer`` on purpose: the tests need shards whose every byte they
+Independent of ``oistream.sharding.writer`` on purpose: the tests need shards whose every byte they
 choose, including members no honest writer would produce (pickles, ``../`` names, absolute
 paths, corrupt PNGs and JPEGs). Output is deterministic: fixed mtime, owner and member order.
 """

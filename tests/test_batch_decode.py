@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import oistream
-from oistream.shard import run_shard
+from oistream.sharding.run import run_shard
 from train.data import to_device
 
 

@@ -12,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oistream import catalog, sources
-from oistream.catalog import (
+from oistream import sources
+from oistream.errors import OistreamError
+from oistream.sharding import catalog
+from oistream.sharding.catalog import (
     OIClass,
     SegmentationTable,
     iter_image_instances,
@@ -23,7 +25,6 @@ from oistream.catalog import (
     resolve_classes,
     search_classes,
 )
-from oistream.errors import OistreamError
 
 HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks"
 PERSON, CAR, TREE = "/m/01g317", "/m/0k4j", "/m/07j7r"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from oistream import sources
 from oistream.errors import OistreamError
-from oistream.fakebucket import (
+from oistream.testing.fakebucket import (
     DISTRACTOR_MIDS,
     FAKE_CLASSES,
     MASK_SCALE,
@@ -26,7 +26,7 @@ from oistream.fakebucket import (
     make_fake_bucket,
     mask_size,
 )
-from oistream.s3server import LocalS3
+from oistream.testing.s3server import LocalS3
 
 HEADER = b"MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks\n"
 HEX = "0123456789abcdef"

@@ -16,7 +16,7 @@ import pytest
 import s3fs
 from aiohttp import web
 
-from oistream.faultproxy import FaultProxy
+from oistream.testing.faultproxy import FaultProxy
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 

@@ -17,8 +17,7 @@ import pytest
 import s3fs
 from s3fs.errors import translate_boto_error
 
-from oistream.faultproxy import FaultProxy
-from oistream.fetch import (
+from oistream.sharding.fetch import (
     Fetcher,
     FetchError,
     MissingObject,
@@ -26,6 +25,7 @@ from oistream.fetch import (
     classify_error,
     sole_retry_layer,
 )
+from oistream.testing.faultproxy import FaultProxy
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 

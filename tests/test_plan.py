@@ -7,8 +7,8 @@ import random
 import pandas as pd
 import pytest
 
-from oistream.catalog import OIClass, SegmentationTable
-from oistream.plan import hash_order_key, make_plan
+from oistream.sharding.catalog import OIClass, SegmentationTable
+from oistream.sharding.plan import hash_order_key, make_plan
 
 PERSON = OIClass("/m/01g317", "Person")
 CAR = OIClass("/m/0k4j", "Car")

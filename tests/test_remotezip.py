@@ -20,9 +20,8 @@ import s3fs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oistream.faultproxy import FaultProxy
-from oistream.fetch import Fetcher, MissingObject, RetryPolicy
-from oistream.remotezip import (
+from oistream.sharding.fetch import Fetcher, MissingObject, RetryPolicy
+from oistream.sharding.remotezip import (
     LOCAL_EXTRA_MARGIN,
     TAIL_BYTES,
     CentralDirectoryCache,
@@ -35,6 +34,7 @@ from oistream.remotezip import (
     pick_members,
     read_central_directory,
 )
+from oistream.testing.faultproxy import FaultProxy
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 

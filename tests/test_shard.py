@@ -19,8 +19,8 @@ import pytest
 import webdataset as wds
 
 from oistream.cli import main
-from oistream.faultproxy import FaultProxy
-from oistream.shard import run_shard
+from oistream.sharding.run import run_shard
+from oistream.testing.faultproxy import FaultProxy
 
 CLASSES = ["Person", "Car", "Traffic light", "Traffic sign"]
 CLASS_MIDS = {"/m/01g317", "/m/0k4j", "/m/015qff", "/m/01mqdt"}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.errors import TrainError
+from .errors import TrainError
 
 _STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 

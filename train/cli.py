@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from oistream.errors import OistreamError
-from train import checkpoint as ckpt
-from train.config import REFERENCE_BATCH, parse_args
-from train.data import (
+
+from . import checkpoint as ckpt
+from .config import REFERENCE_BATCH, parse_args
+from .data import (
     check_gpu_decode_supported,
     class_names,
     describe_classes,
@@ -27,14 +28,14 @@ from train.data import (
     make_batches,
     open_shards,
 )
-from train.distributed import Ranks, any_rank, barrier, init_distributed, shutdown
-from train.engine import RunOptions, Schedule, Trainer, make_deterministic, seed_everything
-from train.errors import TrainError
-from train.evaluate import evaluate
-from train.model import Layout, build_model, layout_for, load_model_state
-from train.precision import choose_precision
-from train.predictions import PredictionPictures
-from train.schedule import default_milestones, default_warmup_steps
+from .distributed import Ranks, any_rank, barrier, init_distributed, shutdown
+from .engine import RunOptions, Schedule, Trainer, make_deterministic, seed_everything
+from .errors import TrainError
+from .evaluate import evaluate
+from .model import Layout, build_model, layout_for, load_model_state
+from .precision import choose_precision
+from .predictions import PredictionPictures
+from .schedule import default_milestones, default_warmup_steps
 
 PROG = "python -m train"
 

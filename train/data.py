@@ -11,7 +11,8 @@ import torchvision
 import oistream
 from oistream.errors import OistreamError
 from oistream.loader import torchvision_decoders_unwarned
-from train.errors import TrainError
+
+from .errors import TrainError
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 _TARGET_TENSORS = ("boxes", "labels", "masks")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.errors import TrainError
+from .errors import TrainError
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from train import checkpoint as ckpt
-from train.distributed import Ranks, average_scalars
-from train.errors import TrainError
-from train.metrics import LossWindow, MetricsLog, all_finite
-from train.model import load_model_state
-from train.precision import Precision
-from train.schedule import build_scheduler
+from . import checkpoint as ckpt
+from .distributed import Ranks, average_scalars
+from .errors import TrainError
+from .metrics import LossWindow, MetricsLog, all_finite
+from .model import load_model_state
+from .precision import Precision
+from .schedule import build_scheduler
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 

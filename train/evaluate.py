@@ -37,8 +37,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train.distributed import Ranks, gather_to_main
-from train.precision import Precision
+from .distributed import Ranks, gather_to_main
+from .precision import Precision
 
 MASK_THRESHOLD = 0.5  # torchvision's predicted masks are probabilities
 OPEN_IMAGES_IOU = 0.5

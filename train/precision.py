@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.errors import TrainError
+from .errors import TrainError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from train.evaluate import MASK_THRESHOLD
+from .evaluate import MASK_THRESHOLD
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 

@@ -18,10 +18,10 @@ from typing import Any
 from PIL import Image
 
 from oistream import sources
-from oistream.fetch import Fetcher, MissingObject
-from oistream.plan import SampleSpec, ShardSpec
-from oistream.remotezip import CorruptMember, ZipMember, fetch_members
-from oistream.writer import PROGRESS_FOLDER, OutputLocation, ShardStats
+from oistream.sharding.fetch import Fetcher, MissingObject
+from oistream.sharding.plan import SampleSpec, ShardSpec
+from oistream.sharding.remotezip import CorruptMember, ZipMember, fetch_members
+from oistream.sharding.writer import PROGRESS_FOLDER, OutputLocation, ShardStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_START = b"\xff\xd8"

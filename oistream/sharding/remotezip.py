@@ -29,7 +29,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from oistream.fetch import Fetcher, FetchError, MissingObject
+from oistream.sharding.fetch import Fetcher, FetchError, MissingObject
 
 # Local header fields we read: signature, version, flags, method, time, date, crc, sizes,
 # name length, extra length (zipfile.structFileHeader).

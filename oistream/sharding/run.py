@@ -17,12 +17,13 @@ from typing import Any
 from tqdm import tqdm
 
 import oistream
-from oistream import catalog, executors, sources
+from oistream import sources
 from oistream.errors import OistreamError
-from oistream.locate import locate_members
-from oistream.plan import DEFAULT_SAMPLES_PER_SHARD, Plan, make_plan
-from oistream.shardjob import JobContext, ShardResult, ShardTask, progress_name
-from oistream.writer import MANIFEST_NAME, OutputLocation
+from oistream.sharding import catalog, executors
+from oistream.sharding.locate import locate_members
+from oistream.sharding.plan import DEFAULT_SAMPLES_PER_SHARD, Plan, make_plan
+from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask, progress_name
+from oistream.sharding.writer import MANIFEST_NAME, OutputLocation
 
 PLAN_RECORD = "_progress/plan.json"
 

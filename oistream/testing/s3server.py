@@ -1,7 +1,7 @@
 """A local S3 endpoint on loopback (moto's server) that serves a folder as buckets.
 
 Used by the tests and by ``oistream fake-bucket DIR --serve``: each top-level folder of DIR
-becomes a bucket of that name, so a fake bucket made by ``oistream.fakebucket`` is served as
+becomes a bucket of that name, so a fake bucket made by ``oistream.testing.fakebucket`` is served as
 ``s3://open-images-dataset`` and ``s3://openimages``, the layout of the real public sources.
 
 Anonymous access: moto lists a bucket for unsigned requests but answers 403 to an unsigned

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oistream import sources
-from oistream.fetch import Fetcher, FetchError, MissingObject
-from oistream.plan import Plan
-from oistream.remotezip import CentralDirectoryCache, ZipMember, read_central_directory
+from oistream.sharding.fetch import Fetcher, FetchError, MissingObject
+from oistream.sharding.plan import Plan
+from oistream.sharding.remotezip import CentralDirectoryCache, ZipMember, read_central_directory
 
 # Central directories of train zips are ~17 MB each: enough at a time to hide the round trips
 # (three requests each), few enough to keep the peak small.

@@ -9,7 +9,7 @@ from typing import Any
 
 from oistream import sources
 from oistream.errors import OistreamError
-from oistream.writer import MANIFEST_NAME
+from oistream.sharding.writer import MANIFEST_NAME
 
 SHARDS_LISTED = 10
 

@@ -18,7 +18,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import replace
 
 from oistream.errors import OistreamError
-from oistream.shardjob import JobContext, ProgressCallback, ShardResult, ShardTask, build_shard
+from oistream.sharding.shardjob import (
+    JobContext,
+    ProgressCallback,
+    ShardResult,
+    ShardTask,
+    build_shard,
+)
 
 ResultCallback = Callable[[ShardTask, ShardResult | BaseException], None]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from oistream.catalog import OIClass, SegmentationTable, iter_image_instances
+from oistream.sharding.catalog import OIClass, SegmentationTable, iter_image_instances
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
 

@@ -9,7 +9,7 @@
     root/openimages/v5/class-descriptions-boxable.csv               no header (V5)
     root/openimages/v7/oidv7-class-descriptions-boxable.csv         header (V7)
 
-Served by ``oistream.s3server`` as the buckets ``open-images-dataset`` and ``openimages``, a
+Served by ``oistream.testing.s3server`` as the buckets ``open-images-dataset`` and ``openimages``, a
 program cannot tell it from the real thing by its layout. It reproduces the traits that break
 naive readers: masks at a different resolution from their image (long side x 1600/1024,
 rounded, and sometimes smaller still), 1-bit and 8-bit PNGs, Zip64 end records, members of
