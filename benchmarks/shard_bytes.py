@@ -36,6 +36,8 @@ from pathlib import Path
 import _servers
 from _servers import format_bytes, verdict
 
+from oistream.sharding.options import DEFAULT_CONCURRENCY
+
 # Kinds of request, by request line, that the proxy counts bytes for.
 REQUEST_KINDS = [
     ("image GETs", b"GET /open-images-dataset/"),
@@ -136,7 +138,7 @@ def projection(
 def main() -> None:
     parser = _servers.bench_parser(__doc__)
     parser.add_argument("--fraction", type=float, default=0.01, help="share of images selected")
-    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--processes", type=int, default=None)
     args = parser.parse_args()
     bucket = _servers.prepare_bench(args)
@@ -154,7 +156,7 @@ def main() -> None:
         print("  WARNING: the issue asks for all 16 zips with at least 20k members each")
     max_images = max(1, round(args.fraction * train["images"]))
 
-    from oistream.sharding.run import run_shard
+    from oistream.sharding.run import ShardOptions, run_shard
 
     with contextlib.ExitStack() as stack:
         nginx = stack.enter_context(_servers.Nginx(bucket["root"]))
@@ -172,17 +174,19 @@ def main() -> None:
 
         def shard(folder: Path, zip_index_cache: str | None = None):
             return run_shard(
-                _servers.BENCH_CLASSES,
-                "train",
-                str(folder),
-                images="s3://open-images-dataset",
-                metadata="s3://openimages",
-                max_images=max_images,
-                concurrency=args.concurrency,
-                processes=args.processes,
-                endpoint_url=proxy.url,
-                show_progress=False,
-                zip_index_cache=zip_index_cache,
+                ShardOptions(
+                    classes=_servers.BENCH_CLASSES,
+                    split="train",
+                    out=str(folder),
+                    images="s3://open-images-dataset",
+                    metadata="s3://openimages",
+                    max_images=max_images,
+                    concurrency=args.concurrency,
+                    processes=args.processes,
+                    endpoint_url=proxy.url,
+                    show_progress=False,
+                    zip_index_cache=zip_index_cache,
+                )
             )
 
         report = shard(out)

@@ -38,6 +38,8 @@ import _servers
 from _servers import format_bytes, verdict
 from shard_throughput import anonymous_environment, ours_command
 
+from oistream.sharding.options import DEFAULT_CONCURRENCY
+
 LIMIT_BYTES = 1_000_000_000
 ALLOWED_GROWTH = 1.20
 SAMPLE_SECONDS = 0.02
@@ -149,7 +151,9 @@ def peak_memory(command: list[str], env: dict[str, str], cwd: Path) -> Peak:
 def main() -> None:
     parser = _servers.bench_parser(__doc__)
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added per request")
-    parser.add_argument("--concurrency", type=int, default=256, help="ours: --concurrency")
+    parser.add_argument(
+        "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="ours: --concurrency"
+    )
     parser.add_argument("--processes", type=int, default=None, help="ours: --processes")
     parser.add_argument("--fractions", type=float, nargs=2, default=[0.02, 0.20])
     args = parser.parse_args()

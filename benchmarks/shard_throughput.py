@@ -42,6 +42,8 @@ from pathlib import Path
 import _servers
 from _servers import format_bytes, verdict
 
+from oistream.sharding.options import DEFAULT_CONCURRENCY
+
 IMAGES_BUCKET = "open-images-dataset"
 METADATA_BUCKET = "openimages"
 SPLIT = "train"
@@ -255,7 +257,9 @@ def baseline_main(endpoint: str, ids_file: str, out: str, scratch: str, threads:
 def main() -> None:
     parser = _servers.bench_parser(__doc__)
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added per request")
-    parser.add_argument("--concurrency", type=int, default=256, help="ours: --concurrency")
+    parser.add_argument(
+        "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="ours: --concurrency"
+    )
     parser.add_argument("--processes", type=int, default=None, help="ours: --processes")
     parser.add_argument(
         "--fractions", type=float, nargs="+", default=sorted(MARKS), help="subset sizes"

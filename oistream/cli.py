@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from oistream import __version__, sources
 from oistream.errors import OistreamError
+from oistream.sharding.options import MAX_LOCAL_PROCESSES, ShardOptions
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -68,20 +69,40 @@ def build_parser() -> argparse.ArgumentParser:
     classes.add_argument("--metadata", default=sources.DEFAULT_METADATA)
     _add_endpoint(classes)
 
+    defaults = ShardOptions  # the dataclass's fields hold each default once
     shard = commands.add_parser("shard", help="write WebDataset shards of a subset")
     shard.add_argument("--classes", nargs="+", required=True, metavar="NAME|MID")
     shard.add_argument("--split", required=True, choices=sources.SPLITS)
     shard.add_argument("--out", required=True, help="shard folder or URL (s3://bucket/prefix)")
     shard.add_argument("--per-class", type=_positive, help="images per class (default: all)")
     shard.add_argument("--max-images", type=_positive, help="cap on the images in total")
-    shard.add_argument("--samples-per-shard", type=_positive, default=1000)
-    shard.add_argument("--seed", type=int, default=0, help="seed of the selection order")
-    shard.add_argument("--executor", choices=("local", "dask"), default="local")
+    shard.add_argument(
+        "--samples-per-shard",
+        type=_positive,
+        default=defaults.samples_per_shard,
+        help="images per tar (default: %(default)s)",
+    )
+    shard.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the selection order (default: 0)"
+    )
+    shard.add_argument(
+        "--executor",
+        choices=("local", "dask"),
+        default=defaults.executor,
+        help="where shards are built (default: %(default)s)",
+    )
     shard.add_argument("--scheduler", help="Dask scheduler address, with --executor dask")
     shard.add_argument(
-        "--concurrency", type=_positive, default=256, help="requests in flight (default: 256)"
+        "--concurrency",
+        type=_positive,
+        default=defaults.concurrency,
+        help="requests in flight per process (default: %(default)s)",
     )
-    shard.add_argument("--processes", type=_positive, help="local worker processes")
+    shard.add_argument(
+        "--processes",
+        type=_positive,
+        help=f"local worker processes (default: CPUs, at most {MAX_LOCAL_PROCESSES})",
+    )
     shard.add_argument(
         "--zip-index-cache",
         metavar="DIR",
@@ -132,10 +153,10 @@ def _classes(args: argparse.Namespace) -> None:
 def _shard(args: argparse.Namespace) -> None:
     from oistream.sharding.run import format_summary, run_shard
 
-    report = run_shard(
-        args.classes,
-        args.split,
-        args.out,
+    options = ShardOptions(
+        classes=args.classes,
+        split=args.split,
+        out=args.out,
         images=args.images,
         metadata=args.metadata,
         per_class=args.per_class,
@@ -150,6 +171,7 @@ def _shard(args: argparse.Namespace) -> None:
         show_progress=not args.quiet,
         zip_index_cache=args.zip_index_cache,
     )
+    report = run_shard(options)
     print(format_summary(report, args.out))
 
 

@@ -9,19 +9,21 @@ from pathlib import Path
 import torch
 
 import oistream
-from oistream.sharding.run import run_shard
+from oistream.sharding.run import ShardOptions, run_shard
 from train.data import to_device
 
 
 def _shards(split: str, tmp_path: Path) -> Path:
     out = tmp_path / split
     run_shard(
-        ["Person", "Car"],
-        split,
-        str(out),
-        metadata="s3://openimages",
-        processes=1,
-        show_progress=False,
+        ShardOptions(
+            classes=["Person", "Car"],
+            split=split,
+            out=str(out),
+            metadata="s3://openimages",
+            processes=1,
+            show_progress=False,
+        )
     )
     return out
 

@@ -19,7 +19,7 @@ import pytest
 import webdataset as wds
 
 from oistream.cli import main
-from oistream.sharding.run import run_shard
+from oistream.sharding.run import ShardOptions, run_shard
 from oistream.testing.faultproxy import FaultProxy
 
 CLASSES = ["Person", "Car", "Traffic light", "Traffic sign"]
@@ -272,14 +272,16 @@ def test_dask_executor_gives_identical_shards(s3_env, tmp_path):
     ) as cluster:
         out = tmp_path / "dask"
         report = run_shard(
-            CLASSES,
-            "validation",
-            str(out),
-            metadata="s3://openimages",
-            samples_per_shard=3,
-            executor="dask",
-            scheduler=cluster.scheduler_address,
-            show_progress=False,
+            ShardOptions(
+                classes=CLASSES,
+                split="validation",
+                out=str(out),
+                metadata="s3://openimages",
+                samples_per_shard=3,
+                executor="dask",
+                scheduler=cluster.scheduler_address,
+                show_progress=False,
+            )
         )
     assert report.shards_built == len(report.manifest["shards"]) > 1
     assert folder_bytes(out) == folder_bytes(local)
@@ -345,9 +347,9 @@ def test_zip_index_cache_spares_a_rerun_the_directories(s3_env, tmp_path):
         "show_progress": False,
         "zip_index_cache": str(cache),
     }
-    first = run_shard(CLASSES, "validation", str(tmp_path / "a"), **common)
+    first = run_shard(ShardOptions(CLASSES, "validation", str(tmp_path / "a"), **common))
     assert list(cache.iterdir())
-    second = run_shard(CLASSES, "validation", str(tmp_path / "b"), **common)
+    second = run_shard(ShardOptions(CLASSES, "validation", str(tmp_path / "b"), **common))
     assert first.directory_bytes > 0
     assert second.directory_bytes == 0
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")

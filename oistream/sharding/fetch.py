@@ -28,6 +28,8 @@ import botocore.exceptions
 import botocore.parsers
 from fsspec.exceptions import FSTimeoutError
 
+from oistream.sharding.options import DEFAULT_CONCURRENCY
+
 T = TypeVar("T")
 
 Verdict = Literal["missing", "transient", "fatal"]
@@ -308,7 +310,7 @@ class Fetcher:
     fetcher itself buffers nothing beyond the responses it is returning.
     """
 
-    def __init__(self, concurrency: int = 256, retry: RetryPolicy = RetryPolicy()):
+    def __init__(self, concurrency: int = DEFAULT_CONCURRENCY, retry: RetryPolicy = RetryPolicy()):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if retry.attempts < 1:

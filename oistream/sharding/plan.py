@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from oistream.sharding.catalog import OIClass, SegmentationTable, iter_image_instances
-
-DEFAULT_SAMPLES_PER_SHARD = 1000
+from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
 
 
 @dataclass

@@ -21,7 +21,8 @@ from oistream import sources
 from oistream.errors import OistreamError
 from oistream.sharding import catalog, executors
 from oistream.sharding.locate import locate_members
-from oistream.sharding.plan import DEFAULT_SAMPLES_PER_SHARD, Plan, make_plan
+from oistream.sharding.options import MAX_LOCAL_PROCESSES, ShardOptions
+from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask, progress_name
 from oistream.sharding.writer import MANIFEST_NAME, OutputLocation
 
@@ -46,25 +47,17 @@ class RunReport:
     errors: list[str] = field(default_factory=list)
 
 
-def run_shard(
-    classes: list[str],
-    split: str,
-    out: str,
-    *,
-    images: str = sources.DEFAULT_IMAGES,
-    metadata: str = sources.DEFAULT_METADATA,
-    per_class: int | None = None,
-    max_images: int | None = None,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    seed: int = 0,
-    executor: str = "local",
-    scheduler: str | None = None,
-    concurrency: int = 256,
-    processes: int | None = None,
-    endpoint_url: str | None = None,
-    show_progress: bool = True,
-    zip_index_cache: str | None = None,
-) -> RunReport:
+def run_shard(options: ShardOptions) -> RunReport:
+    """Shard one split of a selection into ``options.out`` and write its ``manifest.json``.
+
+    Plans deterministically, claims the output folder for this plan, skips shards already
+    complete, reads each needed mask zip's central directory once, builds the remaining shards
+    on the chosen executor and writes the manifest last. Raises ``OistreamError`` (one line)
+    for anything the user can fix; a rerun of the same options finishes an interrupted run.
+    """
+    o = options
+    classes, split, out = list(o.classes), o.split, o.out
+    images, metadata, endpoint_url = o.images, o.metadata, o.endpoint_url
     if split not in sources.SPLITS:
         raise OistreamError(f"unknown split {split!r}; choose one of {', '.join(sources.SPLITS)}")
     started = time.perf_counter()
@@ -81,10 +74,10 @@ def run_shard(
         table,
         selected,
         split,
-        per_class=per_class,
-        max_images=max_images,
-        samples_per_shard=samples_per_shard,
-        seed=seed,
+        per_class=o.per_class,
+        max_images=o.max_images,
+        samples_per_shard=o.samples_per_shard,
+        seed=o.seed,
     )
     if not plan.shard_ids:
         raise OistreamError(
@@ -109,7 +102,7 @@ def run_shard(
         images_read, images_read_options = sources.reading_location(images, images_options)
         metadata_read, metadata_read_options = sources.reading_location(metadata, metadata_options)
         located = locate_members(
-            plan, metadata_read, metadata_read_options, cache_dir=zip_index_cache
+            plan, metadata_read, metadata_read_options, cache_dir=o.zip_index_cache
         )
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
@@ -132,17 +125,17 @@ def run_shard(
             images_options=images_read_options,
             metadata_options=metadata_read_options,
             out_options=out_options,
-            concurrency=concurrency,
+            concurrency=o.concurrency,
         )
         _run_tasks(
             tasks,
             len(todo),
             total_samples,
             context,
-            executor,
-            scheduler,
-            processes,
-            show_progress,
+            o.executor,
+            o.scheduler,
+            o.processes,
+            o.show_progress,
             results,
             report,
         )
@@ -256,7 +249,7 @@ def _run_tasks(
 
     try:
         if executor == "local":
-            workers = processes or min(os.cpu_count() or 1, 8)
+            workers = processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
             executors.run_local(tasks, task_count, context, workers, on_result, on_progress)
         elif executor == "dask":
             executors.run_dask(tasks, context, scheduler, on_result)
@@ -336,4 +329,4 @@ def format_summary(report: RunReport, out: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RunReport", "build_manifest", "format_summary", "run_shard"]
+__all__ = ["RunReport", "ShardOptions", "build_manifest", "format_summary", "run_shard"]

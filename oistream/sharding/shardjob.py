@@ -19,6 +19,7 @@ from PIL import Image
 
 from oistream import sources
 from oistream.sharding.fetch import Fetcher, MissingObject
+from oistream.sharding.options import DEFAULT_CONCURRENCY
 from oistream.sharding.plan import SampleSpec, ShardSpec
 from oistream.sharding.remotezip import CorruptMember, ZipMember, fetch_members
 from oistream.sharding.writer import PROGRESS_FOLDER, OutputLocation, ShardStats
@@ -39,7 +40,7 @@ class JobContext:
     images_options: dict[str, Any]
     metadata_options: dict[str, Any]
     out_options: dict[str, Any]
-    concurrency: int = 256
+    concurrency: int = DEFAULT_CONCURRENCY
 
 
 @dataclass
