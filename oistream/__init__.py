@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-SHARD_FORMAT_VERSION = 1
 
 __all__ = [
     "SHARD_FORMAT_VERSION",
@@ -21,10 +20,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from oistream.format import FORMAT_VERSION as SHARD_FORMAT_VERSION
     from oistream.loader import ShardDataset, ShardWarning, image_id_to_int, make_loader
 
 
 def __getattr__(name: str) -> Any:
+    if name == "SHARD_FORMAT_VERSION":
+        from oistream.format import FORMAT_VERSION
+
+        return FORMAT_VERSION
     if name in ("ShardDataset", "ShardWarning", "image_id_to_int", "make_loader"):
         from oistream import loader
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from oistream import sources
 from oistream.errors import OistreamError
-from oistream.sharding.writer import MANIFEST_NAME
+from oistream.format import MANIFEST_NAME, read_manifest
 
 SHARDS_LISTED = 10
 
@@ -17,14 +17,9 @@ SHARDS_LISTED = 10
 def summarize(source: str, options: dict[str, Any] | None = None) -> str:
     if source.endswith(".tar"):
         return _summarize_tar(source, options)
-    fs, root = sources.filesystem(source, options)
-    try:
-        with fs.open(f"{root.rstrip('/')}/{MANIFEST_NAME}", "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
-        raise OistreamError(f"no {MANIFEST_NAME} in {source}: not a shard folder") from None
-    except json.JSONDecodeError as error:
-        raise OistreamError(f"{source}/{MANIFEST_NAME} is not valid JSON: {error}") from None
+    manifest = read_manifest(source, options)
+    if manifest is None:
+        raise OistreamError(f"no {MANIFEST_NAME} in {source}: not a shard folder")
     return format_manifest(manifest, source)
 
 

@@ -36,9 +36,7 @@ import itertools
 import json
 import math
 import os
-import posixpath
 import random
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
@@ -54,6 +52,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from oistream import sources
 from oistream.errors import OistreamError
+from oistream.format import (
+    IMAGE_FIELD,
+    JSON_FIELD,
+    MASK_FIELD_PATTERN,
+    is_safe_member_name,
+    member_field,
+    read_manifest,
+)
 from oistream.masks import assemble_masks, decode_mask_png
 from oistream.transforms import RandomHorizontalFlip, drop_small_instances
 
@@ -64,12 +70,8 @@ __all__ = [
     "make_loader",
 ]
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
 # Remote shards are read front to back; large read-ahead blocks keep requests few.
 REMOTE_BLOCK_SIZE = 8 * 2**20
-_MASK_FIELD = re.compile(r"[0-9]{3}\.mask\.png")
-_KNOWN_FIELDS = ("jpg", "json")
 _TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 Target = dict[str, Any]
@@ -96,35 +98,12 @@ def image_id_to_int(image_key: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-def is_safe_member_name(name: str) -> bool:
-    """False for names that could leave the shard's folder if anyone extracted them."""
-    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
-        return False
-    if re.match(r"^[A-Za-z]:", name):  # a Windows drive
-        return False
-    return ".." not in name.split("/")
-
-
-def _member_field(name: str) -> str | None:
-    """The field of a member this loader reads (``jpg``, ``json``, ``NNN.mask.png``), else None.
-
-    As in webdataset, the field is everything after the first dot of the base name.
-    """
-    base = posixpath.basename(name)
-    if "." not in base:
-        return None
-    field = base.split(".", 1)[1].lower()
-    if field in _KNOWN_FIELDS or _MASK_FIELD.fullmatch(field):
-        return field
-    return None
-
-
 def _wanted_member(name: str, url: str) -> bool:
     """``select_files`` for webdataset's tar iterator: decides before the member is read."""
     if not is_safe_member_name(name):
         _warn(f"rejected member {name!r} in {url}: its name leaves the shard's folder")
         return False
-    return _member_field(name) is not None
+    return member_field(name) is not None
 
 
 def distributed_rank_and_world_size() -> tuple[int, int]:
@@ -143,34 +122,6 @@ def _throwaway_filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     return sources.filesystem(url, options, skip_instance_cache=True)
 
 
-def _read_manifest(folder: str, options: dict[str, Any]) -> dict[str, Any] | None:
-    fs, path = _throwaway_filesystem(folder, options)
-    manifest_path = f"{path.rstrip('/')}/{MANIFEST_NAME}"
-    try:
-        with fs.open(manifest_path, "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as error:
-        raise OistreamError(f"cannot read {sources.join(folder, MANIFEST_NAME)}: {error}") from None
-    if not isinstance(manifest, dict):
-        raise OistreamError(f"{sources.join(folder, MANIFEST_NAME)} is not a shard manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise OistreamError(
-            f"{sources.join(folder, MANIFEST_NAME)} has shard format version {version}; "
-            f"this oistream reads version {FORMAT_VERSION}"
-        )
-    classes = manifest.get("classes")
-    indices = [c.get("index") if isinstance(c, dict) else None for c in classes or []]
-    if indices != list(range(len(indices))) or not indices:
-        # Labels index the model's heads: a gap or a shuffled index would mislabel silently.
-        raise OistreamError(
-            f"{sources.join(folder, MANIFEST_NAME)}: 'classes' must list indices 0..K in order"
-        )
-    return manifest
-
-
 def _parent(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
 
@@ -183,20 +134,17 @@ def resolve_source(
         urls = [url for item in source for url in braceexpand.braceexpand(os.fspath(item))]
         if not urls:
             raise OistreamError("no shards given")
-        return urls, _read_manifest(_parent(urls[0]), options)
+        return urls, read_manifest(_parent(urls[0]), options)
     text = os.fspath(source)
     if "{" in text or text.endswith(".tar"):
         urls = list(braceexpand.braceexpand(text))
-        return urls, _read_manifest(_parent(urls[0]), options)
+        return urls, read_manifest(_parent(urls[0]), options)
 
     folder = text.rstrip("/") or text
-    manifest = _read_manifest(folder, options)
+    manifest = read_manifest(folder, options)
     if manifest is not None:
+        # read_manifest checked that every name stays inside the folder.
         names = [shard["name"] for shard in manifest.get("shards", [])]
-        for name in names:
-            # The manifest is as untrusted as the shards: its names must stay in the folder.
-            if not isinstance(name, str) or "/" in name or not is_safe_member_name(name):
-                raise OistreamError(f"{folder}/{MANIFEST_NAME} lists a bad shard name {name!r}")
         urls = [sources.join(folder, name) for name in names]
     else:
         fs, path = _throwaway_filesystem(folder, options)
@@ -528,7 +476,7 @@ class ShardDataset(IterableDataset):
     def assemble(self, raw: dict[str, Any]) -> Sample:
         """One sample's members (``jpg``, ``json``, ``NNN.mask.png`` bytes) -> (image, target)."""
         key = str(raw["__key__"])
-        for field in _KNOWN_FIELDS:
+        for field in (IMAGE_FIELD, JSON_FIELD):
             if field not in raw:
                 raise _BadSample(f"no .{field} member")
         record = json.loads(raw["json"])
@@ -551,7 +499,11 @@ class ShardDataset(IterableDataset):
         masks, labels = [], []
         for instance in instances:
             field = instance["mask"]
-            if not isinstance(field, str) or not _MASK_FIELD.fullmatch(field) or field not in raw:
+            if (
+                not isinstance(field, str)
+                or not MASK_FIELD_PATTERN.fullmatch(field)
+                or field not in raw
+            ):
                 raise _BadSample(f"mask member {field!r} is missing")
             label = int(instance["class_index"])
             if label < 1 or (max_label is not None and label > max_label):

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from oistream.format import mask_field, shard_name
 from oistream.sharding.catalog import OIClass, SegmentationTable, iter_image_instances
 from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
 
@@ -122,10 +123,6 @@ class Plan:
         return digest.hexdigest()
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
 def hash_order_key(image_id: str, seed: int) -> bytes:
     """A seeded, version-proof hash: ID order is biased (prefix 0 first), hash order is not."""
     return hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
@@ -182,7 +179,7 @@ def make_plan(
 def _instance_record(k: int, instance: dict[str, Any]) -> dict[str, Any]:
     """The instance as the shard's JSON holds it, keys in the order DESIGN section 4 lists them."""
     return {
-        "mask": f"{k:03d}.mask.png",
+        "mask": mask_field(k),
         "mask_path": instance["mask_path"],
         "label": instance["label"],
         "class_index": instance["class_index"],

@@ -19,14 +19,13 @@ from tqdm import tqdm
 import oistream
 from oistream import sources
 from oistream.errors import OistreamError
+from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
 from oistream.sharding import catalog, executors
 from oistream.sharding.locate import locate_members
 from oistream.sharding.options import MAX_LOCAL_PROCESSES, ShardOptions
 from oistream.sharding.plan import Plan, make_plan
-from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask, progress_name
-from oistream.sharding.writer import MANIFEST_NAME, OutputLocation
-
-PLAN_RECORD = "_progress/plan.json"
+from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask
+from oistream.sharding.writer import OutputLocation
 
 
 @dataclass
@@ -280,7 +279,7 @@ def build_manifest(
     per_class = plan.instances_per_class(excluding={f["image_id"] for f in failures})
     names = {c.mid: c.name for c in plan.classes}
     return {
-        "format_version": oistream.SHARD_FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "oistream_version": oistream.__version__,
         "sources": {"images": images, "metadata": metadata},
         "split": plan.split,

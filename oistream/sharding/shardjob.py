@@ -18,11 +18,12 @@ from typing import Any
 from PIL import Image
 
 from oistream import sources
+from oistream.format import progress_name
 from oistream.sharding.fetch import Fetcher, MissingObject
 from oistream.sharding.options import DEFAULT_CONCURRENCY
 from oistream.sharding.plan import SampleSpec, ShardSpec
 from oistream.sharding.remotezip import CorruptMember, ZipMember, fetch_members
-from oistream.sharding.writer import PROGRESS_FOLDER, OutputLocation, ShardStats
+from oistream.sharding.writer import OutputLocation, ShardStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_START = b"\xff\xd8"
@@ -69,11 +70,6 @@ class SampleFailure(Exception):
 
 
 ProgressCallback = Callable[[int, int, int], None]  # (samples done, bytes written, failures)
-
-
-def progress_name(shard_name: str) -> str:
-    """Where a finished shard's stats and failures live, so a rerun can skip it."""
-    return f"{PROGRESS_FOLDER}/{shard_name}.json"
 
 
 def build_shard(

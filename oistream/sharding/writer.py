@@ -22,8 +22,6 @@ from oistream import sources
 # A fixed timestamp (2000-01-01) for every member: reproducible bytes, and no 1970 surprises.
 TAR_MTIME = 946_684_800
 TAR_OWNER = "oistream"
-PROGRESS_FOLDER = "_progress"
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass
