@@ -62,9 +62,10 @@ from _fake_shards import fake_shards
 import oistream
 from train.data import describe_classes, make_batches, to_device
 from train.distributed import Ranks
-from train.engine import Schedule, Trainer, seed_everything
+from train.engine import Trainer, seed_everything
 from train.model import build_model, layout_for
 from train.precision import choose_precision
+from train.schedule import Schedule
 
 OVERHEAD_MARK = 0.05
 SOURCE_WARMUP_STEPS = 3

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from oistream import __version__, sources
-from oistream.errors import OistreamError
+from oistream.errors import OistreamError, one_line
 from oistream.sharding.options import MAX_LOCAL_PROCESSES, ShardOptions
 
 EXIT_ERROR = 1
@@ -273,9 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if os.environ.get("OISTREAM_DEBUG"):
             raise
-        first_line = (str(error).strip().splitlines() or [""])[0]
         print(
-            f"oistream {args.command}: unexpected error: {type(error).__name__}: {first_line} "
+            f"oistream {args.command}: unexpected error: {one_line(error)} "
             "(set OISTREAM_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from oistream import sources
-from oistream.errors import OistreamError
+from oistream.errors import OistreamError, one_line
 from oistream.format import (
     IMAGE_FIELD,
     JSON_FIELD,
@@ -271,7 +271,7 @@ def torchvision_decoders_unwarned() -> Iterator[None]:
 
 def _short(error: Exception) -> str:
     # torchvision prefixes its messages with the C++ source location; the last part is the news.
-    return str(error).rsplit(", ", 1)[-1] or type(error).__name__
+    return one_line(error).rsplit(", ", 1)[-1]
 
 
 # --- The dataset -----------------------------------------------------------------------------

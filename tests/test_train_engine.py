@@ -18,11 +18,11 @@ from torchvision.models._api import WeightsEnum
 from train import checkpoint as ckpt
 from train.config import parse_args
 from train.distributed import Ranks
-from train.engine import Schedule, Trainer, seed_everything
+from train.engine import Trainer, seed_everything
 from train.errors import TrainError
 from train.model import Layout, build_model, layout_for
 from train.precision import choose_precision
-from train.schedule import build_scheduler
+from train.schedule import Schedule, build_scheduler
 
 CPU = Ranks(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SMALL = {"min_size": 64, "max_size": 96, "rpn_batch_size_per_image": 64}

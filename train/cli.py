@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from oistream.errors import OistreamError
+from oistream import OistreamError
 
 from . import checkpoint as ckpt
 from .config import REFERENCE_BATCH, parse_args
@@ -29,13 +29,13 @@ from .data import (
     open_shards,
 )
 from .distributed import Ranks, any_rank, barrier, init_distributed, shutdown
-from .engine import RunOptions, Schedule, Trainer, make_deterministic, seed_everything
+from .engine import RunOptions, Trainer, make_deterministic, seed_everything
 from .errors import TrainError
 from .evaluate import evaluate
 from .model import Layout, build_model, layout_for, load_model_state
 from .precision import choose_precision
 from .predictions import PredictionPictures
-from .schedule import default_milestones, default_warmup_steps
+from .schedule import Schedule, default_milestones, default_warmup_steps
 
 PROG = "python -m train"
 

@@ -9,8 +9,7 @@ import torch
 import torchvision
 
 import oistream
-from oistream.errors import OistreamError
-from oistream.loader import torchvision_decoders_unwarned
+from oistream import OistreamError, torchvision_decoders_unwarned
 
 from .errors import TrainError
 

@@ -31,7 +31,7 @@ from .errors import TrainError
 from .metrics import LossWindow, MetricsLog, all_finite
 from .model import load_model_state
 from .precision import Precision
-from .schedule import build_scheduler
+from .schedule import Schedule, build_scheduler
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 
@@ -51,25 +51,6 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-
-
-@dataclass
-class Schedule:
-    epochs: int
-    steps_per_epoch: int
-    lr: float  # already scaled to the global batch
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_steps: int = 0
-    warmup_factor: float = 0.001
-    schedule: str = "step"
-    milestone_epochs: tuple[int, ...] = ()
-    gamma: float = 0.1
-    clip_grad: float | None = None
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
 
 
 @dataclass

@@ -35,7 +35,7 @@ class PredictionPictures:
     def __call__(self, image: torch.Tensor, target: dict[str, Any], prediction: dict) -> None:
         if len(self.written) >= self.limit:
             return
-        from oistream.visualize import draw_instances  # Pillow drawing, only when drawing
+        from oistream import draw_instances  # Pillow drawing, only when drawing
 
         if image.is_floating_point():  # the model's input: float [0, 1]
             image = (image * 255).round().clamp_(0, 255).to(torch.uint8)

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+
+@dataclass
+class Schedule:
+    """The optimizer and learning-rate settings of a run, counted in steps."""
+
+    epochs: int
+    steps_per_epoch: int
+    lr: float  # already scaled to the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+    schedule: str = "step"
+    milestone_epochs: tuple[int, ...] = ()
+    gamma: float = 0.1
+    clip_grad: float | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
 
 
 def default_warmup_steps(total_steps: int) -> int:

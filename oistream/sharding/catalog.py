@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from oistream import sources
-from oistream.errors import OistreamError
+from oistream.errors import OistreamError, one_line
 
 COLUMNS = (
     "MaskPath",
@@ -475,11 +475,6 @@ def iter_image_instances(
 # Reading through fsspec
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def _read_text(url: str, options: dict | None, *, missing_ok: bool = False) -> str:
     """A small text file, whole. With ``missing_ok``, "not there" propagates as _Missing."""
     try:
@@ -489,10 +484,10 @@ def _read_text(url: str, options: dict | None, *, missing_ok: bool = False) -> s
         # Anonymous S3 answers 403, not 404, for a key that does not exist.
         if missing_ok:
             raise _Missing(url) from error
-        reason = "not found" if isinstance(error, FileNotFoundError) else _one_line(error)
+        reason = "not found" if isinstance(error, FileNotFoundError) else one_line(error)
         raise OistreamError(f"cannot read {url}: {reason}") from None
     except Exception as error:  # any failure of the storage layer is the user's to fix
-        raise OistreamError(f"cannot read {url}: {_one_line(error)}") from error
+        raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
     return data.decode("utf-8", errors="replace").lstrip("\ufeff")
 
 
@@ -511,7 +506,7 @@ def _read_line_blocks(
     def fail(error: Exception) -> OistreamError:
         if isinstance(error, FileNotFoundError):
             return OistreamError(f"cannot read {url}: not found")
-        return OistreamError(f"cannot read {url}: {_one_line(error)}")
+        return OistreamError(f"cannot read {url}: {one_line(error)}")
 
     try:
         fs, path = sources.filesystem(url, options)

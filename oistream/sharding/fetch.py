@@ -28,6 +28,7 @@ import botocore.exceptions
 import botocore.parsers
 from fsspec.exceptions import FSTimeoutError
 
+from oistream.errors import one_line
 from oistream.sharding.options import DEFAULT_CONCURRENCY
 
 T = TypeVar("T")
@@ -272,8 +273,7 @@ def _classify_one(error: BaseException) -> Verdict | None:
 def _describe(exc: BaseException) -> str:
     status, code = http_status_and_code(exc)
     prefix = " ".join(str(part) for part in (status, code) if part is not None)
-    text = str(exc) or type(exc).__name__
-    return f"{prefix}: {text}" if prefix else f"{type(exc).__name__}: {text}"
+    return f"{prefix}: {one_line(exc, with_type=False)}" if prefix else one_line(exc)
 
 
 def _is_throttle(exc: BaseException) -> bool:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import oistream
 from oistream import sources
-from oistream.errors import OistreamError
+from oistream.errors import OistreamError, one_line
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
 from oistream.sharding import catalog, executors
 from oistream.sharding.locate import locate_members
@@ -187,7 +187,7 @@ def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) ->
         except FileNotFoundError:
             continue
         except Exception as error:
-            raise OistreamError(f"cannot reach images at {images}: {_one_line(error)}") from None
+            raise OistreamError(f"cannot reach images at {images}: {one_line(error)}") from None
     raise OistreamError(
         f"no planned image found under {images}/{plan.split}/ (tried {len(first_ids)}): "
         "wrong --images URL?"
@@ -229,7 +229,7 @@ def _run_tasks(
     def on_result(task: ShardTask, outcome: ShardResult | BaseException) -> None:
         nonlocal in_flight_weighted, fetch_seconds
         if isinstance(outcome, BaseException):
-            report.errors.append(f"{task.spec.name}: {_one_line(outcome)}")
+            report.errors.append(f"{task.spec.name}: {one_line(outcome)}")
             return
         results[task.spec.name] = {
             "stats": asdict(outcome.stats),
@@ -298,11 +298,6 @@ def build_manifest(
         },
         "failures": failures,
     }
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def format_summary(report: RunReport, out: str) -> str:
