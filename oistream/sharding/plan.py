@@ -160,6 +160,13 @@ def make_plan(
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     seed: int = 0,
 ) -> Plan:
+    """The deterministic selection (DESIGN section 4), cut into shards of ``samples_per_shard``.
+
+    For each class, the images carrying it ordered by a seeded hash of the ImageID, the first
+    ``per_class`` taken; the union ordered by the same hash, capped at ``max_images``. Each
+    sample holds every instance of every selected class in its image. Same arguments, same plan
+    (and the same ``plan_hash``).
+    """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
     image_ids = select_images(table, classes, per_class, max_images, seed)

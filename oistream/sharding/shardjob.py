@@ -75,6 +75,13 @@ ProgressCallback = Callable[[int, int, int], None]  # (samples done, bytes writt
 def build_shard(
     task: ShardTask, context: JobContext, progress: ProgressCallback | None = None
 ) -> ShardResult:
+    """Fetch one shard's images and mask members (one event loop, ``context.concurrency``
+    requests in flight), write the tar in plan order and publish it with its progress record.
+
+    Per-image failures (a missing image or mask, a corrupt member) leave that image out and are
+    returned in ``ShardResult.failures``; anything else raises and leaves no shard behind.
+    ``progress(samples, bytes, failures)`` is called as images complete.
+    """
     return asyncio.run(_build_shard(task, context, progress))
 
 
