@@ -30,7 +30,12 @@ import botocore.parsers
 from fsspec.exceptions import FSTimeoutError
 from yarl import URL
 
-from oistream.sharding.options import DEFAULT_CONCURRENCY
+from oistream.sharding.options import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_READ_TIMEOUT,
+)
 
 T = TypeVar("T")
 
@@ -101,14 +106,13 @@ class RetryPolicy:
     attempt is cut off after ``timeout`` seconds in all (the per-attempt deadline), and an HTTP
     attempt as soon as no byte has arrived for ``read_timeout`` seconds (the inactivity
     time-out): a stalled server costs ``attempts x read_timeout`` at most, not minutes each.
-    A request's largest body, an 8 MB span, needs 60 s only below 140 kB/s.
     """
 
     attempts: int = 8
     base_delay: float = 0.05
     max_delay: float = 5.0
-    timeout: float = 60.0
-    read_timeout: float = 15.0
+    timeout: float = DEFAULT_ATTEMPT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
@@ -152,9 +156,6 @@ class ObjectTooLarge(FetchError):
     """A whole-object GET whose body would exceed the fetcher's ``max_object_bytes``."""
 
 
-# Whole objects fetched without a range are images (Open Images JPEGs are at most a few MB):
-# a body over this is refused as it arrives instead of filling memory.
-DEFAULT_MAX_OBJECT_BYTES = 64 * 1024 * 1024
 # Redirects an object read follows, each only to the same scheme, host and port.
 MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
