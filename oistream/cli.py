@@ -34,6 +34,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def _add_locations(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images",
@@ -109,6 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the mask zips' central directories here (keyed by size and ETag) so "
         "later runs skip reading them",
     )
+    shard.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an --out holding files oistream did not write, or another "
+        "selection's shards (which are then rebuilt)",
+    )
+    shard.add_argument(
+        "--max-mask-bytes",
+        type=_positive,
+        default=defaults.max_member_bytes,
+        help="cap on one mask member, declared or inflated; over it the image fails "
+        f"(default: {defaults.max_member_bytes // 2**20} MiB)",
+    )
+    shard.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=defaults.read_timeout,
+        help="seconds without a byte before a request is retried "
+        f"(default: {defaults.read_timeout:g})",
+    )
+    shard.add_argument(
+        "--attempt-timeout",
+        type=_positive_float,
+        default=defaults.attempt_timeout,
+        help=f"deadline of one request attempt in seconds (default: {defaults.attempt_timeout:g})",
+    )
     shard.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_locations(shard)
 
@@ -170,6 +203,10 @@ def _shard(args: argparse.Namespace) -> None:
         endpoint_url=args.endpoint_url,
         show_progress=not args.quiet,
         zip_index_cache=args.zip_index_cache,
+        overwrite=args.overwrite,
+        max_member_bytes=args.max_mask_bytes,
+        read_timeout=args.read_timeout,
+        attempt_timeout=args.attempt_timeout,
     )
     report = run_shard(options)
     print(format_summary(report, args.out))

@@ -195,8 +195,8 @@ def test_a_missing_object_is_reported_at_once(
                 await close_fs(fs)
 
         error, fetcher = asyncio.run(main())
-    # fsspec's HTTP filesystem raises a bare FileNotFoundError: no status to report.
-    assert error.status == (404 if kind == "s3" else None) and error.attempts == 1
+    # Over HTTP the fetcher makes the request itself, so the status is known there too.
+    assert error.status == 404 and error.attempts == 1
     assert fetcher.stats.retries == 0 and fetcher.stats.missing == 2
 
 

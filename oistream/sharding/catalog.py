@@ -52,11 +52,22 @@ _NEWLINE, _CR, _COMMA = ord("\n"), ord("\r"), ord(",")
 _IS_LOWER_HEX = np.zeros(256, dtype=bool)
 _IS_LOWER_HEX[list(b"0123456789abcdef")] = True
 
-_NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
-_CLICK = rf"{_NUMBER}[ \t]+{_NUMBER}[ \t]+[01]"
+# Every group is atomic and every quantifier possessive, so the engine never backtracks into
+# what it matched: the check is linear in the field's length. The plain pattern this replaces
+# took 10 s for an 81-byte field (four clicks and a stray character) and doubled per click.
+_NUMBER = r"(?>[-+]?+(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][-+]?+[0-9]++)?+)"
+_CLICK = rf"(?>{_NUMBER}[ \t]++{_NUMBER}[ \t]++[01])"
 # One pattern serves both the vectorised check of kept rows and parse_clicks, so a row that
 # passes validation always parses.
-_CLICKS_PATTERN = rf"[ \t\r\n]*(?:{_CLICK}(?:[ \t]*;[ \t]*{_CLICK})*)?[ \t\r\n]*"
+_CLICKS_PATTERN = rf"[ \t\r\n]*+(?:{_CLICK}(?>[ \t]*+;[ \t]*+{_CLICK})*+)?+[ \t\r\n]*+"
+# Size caps, far above real data (rows are 150-400 bytes, Clicks 1-20 triples of ~20 bytes):
+# a longer field or row is malformed and counted, and never reaches pandas or the pattern.
+MAX_ROW_BYTES = 8192
+MAX_FIELD_BYTES = {
+    "Clicks": 4096,
+    "PredictedIoU": 32,
+    **dict.fromkeys(("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"), 32),
+}
 _CLICKS_RE = re.compile(_CLICKS_PATTERN)
 
 
@@ -160,6 +171,7 @@ class SegmentationTable:
     total_rows: int  # data rows seen in the CSV (blank lines are not rows)
     malformed: int  # rows skipped: wrong field count anywhere, or invalid among the kept ones
     malformed_examples: list[str] = field(default_factory=list)  # "line N: why", up to 5
+    duplicates: int = 0  # valid rows dropped because an earlier row has the same MaskPath
 
 
 def read_segmentations(
@@ -196,14 +208,12 @@ def _filter_rows(
     for block in blocks:
         lines = _Lines(block)
         total_rows += lines.rows
-        wrong = lines.wrong_field_counts()
+        wrong = lines.wrong_shape()
         malformed += len(wrong)
-        rejected = [
-            (int(i), f"{lines.field_counts[i]} fields, expected {len(COLUMNS)}")
-            for i in wrong[:_MAX_EXAMPLES]
-        ]
+        rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
         candidates, labels = lines.select(wanted_labels, label_width)
-        invalid, why = _rejections(candidates, _identifier_checks(lines, candidates, labels))
+        checks = _identifier_checks(lines, candidates, labels) + _size_checks(lines, candidates)
+        invalid, why = _rejections(candidates, checks)
         malformed += int(invalid.sum())
         rejected += why
         candidates = candidates[~invalid]
@@ -218,8 +228,17 @@ def _filter_rows(
         first_line_number += len(lines)
 
     rows = pd.concat(frames, ignore_index=True) if frames else _empty_rows()
+    # A MaskPath names one instance (ImageID, class, BoxID): a repeat is the same instance
+    # again, never a second one. The first row wins.
+    repeated = rows["MaskPath"].duplicated().to_numpy()
+    if repeated.any():
+        rows = rows.loc[~repeated].reset_index(drop=True)
     return SegmentationTable(
-        rows=rows, total_rows=total_rows, malformed=malformed, malformed_examples=examples
+        rows=rows,
+        total_rows=total_rows,
+        malformed=malformed,
+        malformed_examples=examples,
+        duplicates=int(repeated.sum()),
     )
 
 
@@ -239,6 +258,7 @@ class _Lines:
         self.field_counts = np.searchsorted(self.commas, self.ends) - self.first_comma + 1
         lengths = self.ends - self.starts
         self.blank = (lengths == 0) | ((lengths == 1) & (self.data[self.ends - 1] == _CR))
+        self.overlong = lengths > MAX_ROW_BYTES
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -247,8 +267,14 @@ class _Lines:
     def rows(self) -> int:
         return int(len(self.ends) - self.blank.sum())
 
-    def wrong_field_counts(self) -> np.ndarray:
-        return np.flatnonzero((self.field_counts != len(COLUMNS)) & ~self.blank)
+    def wrong_shape(self) -> np.ndarray:
+        """Lines that are too long or do not hold exactly 10 fields (blank lines are neither)."""
+        return np.flatnonzero(((self.field_counts != len(COLUMNS)) | self.overlong) & ~self.blank)
+
+    def shape_problem(self, line: int) -> str:
+        if self.overlong[line]:
+            return f"row longer than {MAX_ROW_BYTES} bytes"
+        return f"{self.field_counts[line]} fields, expected {len(COLUMNS)}"
 
     def field_bounds(self, lines: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Start and stop offsets of field ``k`` of ``lines`` (which must have all 10 fields)."""
@@ -267,7 +293,7 @@ class _Lines:
 
     def select(self, wanted_labels: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Well-formed lines whose LabelName is one of ``wanted_labels``, and their labels."""
-        candidates = np.flatnonzero(self.field_counts == len(COLUMNS))
+        candidates = np.flatnonzero((self.field_counts == len(COLUMNS)) & ~self.overlong)
         if not len(wanted_labels) or not len(candidates):
             return candidates[:0], wanted_labels[:0]
         values, lengths = self.fixed_width(candidates, 2, width)
@@ -339,6 +365,20 @@ def _identifier_checks(lines: _Lines, candidates: np.ndarray, labels: np.ndarray
             lambda i: f"MaskPath {lines.text(i, 0)[:60]!r} is not ImageID_LabelName_BoxID.png",
         ),
     ]
+
+
+def _size_checks(lines: _Lines, candidates: np.ndarray) -> list[_Check]:
+    """Value fields within MAX_FIELD_BYTES, so an oversized field never reaches pandas."""
+    checks: list[_Check] = []
+    for column, cap in MAX_FIELD_BYTES.items():
+        k = COLUMNS.index(column)
+        start, stop = lines.field_bounds(candidates, k)
+
+        def describe(i: int, column: str = column, cap: int = cap) -> str:
+            return f"{column} longer than {cap} bytes"
+
+        checks.append((stop - start > cap, describe))
+    return checks
 
 
 def _repeated(constant: bytes, n: int) -> np.ndarray:
@@ -514,13 +554,17 @@ def _read_line_blocks(
     except Exception as error:
         raise fail(error) from error
     with file:
+        # The header is looked for in the first MAX_ROW_BYTES only: a file without newlines must
+        # not be read whole to find its first line.
         try:
-            header = file.readline()
+            start = file.read(MAX_ROW_BYTES)
         except Exception as error:
             raise fail(error) from error
-        yield header
+        newline = start.find(b"\n")
+        yield start if newline < 0 else start[: newline + 1]
         # Blocks are handed out as views, not copies; only the partial last line is carried over.
-        carry = b""
+        carry = b"" if newline < 0 else start[newline + 1 :]
+        skipping = newline < 0  # inside a line already too long: drop bytes up to its end
         while True:
             try:
                 chunk = file.read(block_bytes)
@@ -528,10 +572,19 @@ def _read_line_blocks(
                 raise fail(error) from error
             if not chunk:
                 break
+            if skipping:
+                newline = chunk.find(b"\n")
+                if newline < 0:
+                    continue
+                chunk, skipping = chunk[newline:], False  # its newline ends the kept stub
             data = carry + chunk if carry else chunk
             del chunk
             cut = data.rfind(b"\n") + 1
             carry = data[cut:]
+            if len(carry) > MAX_ROW_BYTES:
+                # Keep a stub one byte over the cap, so the line is still seen and counted as
+                # malformed, and memory stays bounded however long the line runs.
+                carry, skipping = carry[: MAX_ROW_BYTES + 1], True
             if cut:
                 complete = memoryview(data)[:cut]
                 del data  # the view alone keeps the block alive, for as long as the caller needs it

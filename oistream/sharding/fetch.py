@@ -18,6 +18,7 @@ import asyncio
 import errno
 import http.client
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,9 +28,15 @@ import aiohttp
 import botocore.exceptions
 import botocore.parsers
 from fsspec.exceptions import FSTimeoutError
+from yarl import URL
 
 from oistream.errors import one_line
-from oistream.sharding.options import DEFAULT_CONCURRENCY
+from oistream.sharding.options import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_OBJECT_BYTES,
+    DEFAULT_READ_TIMEOUT,
+)
 
 T = TypeVar("T")
 
@@ -97,13 +104,16 @@ class RetryPolicy:
 
     Attempt ``k`` (k >= 1) waits ``uniform(0, min(max_delay, base_delay * 2**(k-1)))`` first
     ("full jitter"), so throttled clients spread out instead of retrying in lockstep. Each
-    attempt is cut off after ``timeout`` seconds, so a stalled server cannot hang a run.
+    attempt is cut off after ``timeout`` seconds in all (the per-attempt deadline), and an HTTP
+    attempt as soon as no byte has arrived for ``read_timeout`` seconds (the inactivity
+    time-out): a stalled server costs ``attempts x read_timeout`` at most, not minutes each.
     """
 
     attempts: int = 8
     base_delay: float = 0.05
     max_delay: float = 5.0
-    timeout: float = 120.0
+    timeout: float = DEFAULT_ATTEMPT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
@@ -134,6 +144,24 @@ class FetchError(Exception):
 
 class MissingObject(FetchError):
     """The object (or a zip member) does not exist: 404, NoSuchKey, FileNotFoundError."""
+
+
+class ObjectChanged(FetchError):
+    """The object no longer has the ETag it was pinned to (412): transient for the run.
+
+    What was planned from its old directory may not hold any more; a rerun reads it afresh.
+    """
+
+
+class ObjectTooLarge(FetchError):
+    """A whole-object GET whose body would exceed the fetcher's ``max_object_bytes``."""
+
+
+# Redirects an object read follows, each only to the same scheme, host and port.
+MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
+_BODY_CHUNK = 256 * 1024
 
 
 @dataclass
@@ -285,6 +313,13 @@ def _is_s3(fs: Any) -> bool:
     return getattr(fs, "protocol", None) in (("s3", "s3a"), "s3", "s3a")
 
 
+def _is_http(fs: Any) -> bool:
+    """fsspec's HTTP filesystem (anonymous S3 reads go through it, see sources.reading_location)."""
+    protocol = getattr(fs, "protocol", None)
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol or ())
+    return bool({"http", "https"} & set(protocols)) and hasattr(fs, "set_session")
+
+
 def sole_retry_layer(fs: Any) -> None:
     """Switch off s3fs's and botocore's own retries on ``fs`` so the Fetcher's are the only ones.
 
@@ -310,25 +345,43 @@ class Fetcher:
     fetcher itself buffers nothing beyond the responses it is returning.
     """
 
-    def __init__(self, concurrency: int = DEFAULT_CONCURRENCY, retry: RetryPolicy = RetryPolicy()):
+    def __init__(
+        self,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        retry: RetryPolicy = RetryPolicy(),
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    ):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if retry.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         self.concurrency = concurrency
         self.retry = retry
+        self.max_object_bytes = max_object_bytes
         self.stats = FetchStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._rng = random.Random()
 
     async def cat(
-        self, fs: Any, path: str, start: int | None = None, end: int | None = None
+        self,
+        fs: Any,
+        path: str,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        if_match: str | None = None,
     ) -> bytes:
         """Bytes ``[start, end)`` of ``path`` (the whole object when both are ``None``).
 
         A body shorter than the range asked for is retried, unless the object really ends
         there (checked with one metadata request); a body longer than the range means the
         server ignored ``Range`` and is an error, since it just sent the whole object.
+
+        Over HTTP the response is checked as it arrives: a ranged request needs status 206
+        and a ``Content-Range`` equal to the request, else it fails at once (not retried)
+        having read no body; at most the requested length is ever read. ``if_match`` pins
+        the object's ETag (``ObjectChanged`` when it moved on); redirects are followed only
+        to the same host. A whole-object body over ``max_object_bytes`` is ``ObjectTooLarge``.
         """
         if start is not None and end is not None and start >= 0 and end <= start:
             return b""
@@ -343,7 +396,9 @@ class Fetcher:
         options = {"max_concurrency": 1} if start is None and end is None and _is_s3(fs) else {}
 
         async def attempt() -> bytes:
-            if getattr(fs, "async_impl", False):
+            if _is_http(fs) and (start is None or start >= 0) and (end is None or end >= 0):
+                data = await self._http_get(fs, path, start, end, if_match)
+            elif getattr(fs, "async_impl", False):
                 data = await fs._cat_file(path, start=start, end=end, **options)
             else:  # local paths: the ordinary filesystem, off the event loop
                 data = await asyncio.to_thread(fs.cat_file, path, start=start, end=end)
@@ -361,6 +416,8 @@ class Fetcher:
         sole_retry_layer(fs)
 
         async def attempt() -> dict[str, Any]:
+            if _is_http(fs):
+                return await self._http_head(fs, path)
             if getattr(fs, "async_impl", False):
                 return await fs._info(path)
             return await asyncio.to_thread(fs.info, path)
@@ -372,6 +429,71 @@ class Fetcher:
         if info.get("size") is None:
             raise FetchError(f"HEAD {path}: the server reports no size", url=path)
         return int(info["size"])
+
+    async def _http_head(self, fs: Any, path: str) -> dict[str, Any]:
+        async with self._http_open(fs, "HEAD", path, {}) as response:
+            response.raise_for_status()
+            length = response.headers.get("Content-Length")
+            info: dict[str, Any] = {"name": path, "size": int(length) if length else None}
+            if response.headers.get("ETag"):
+                info["ETag"] = response.headers["ETag"]
+            return info
+
+    async def _http_get(
+        self, fs: Any, path: str, start: int | None, end: int | None, if_match: str | None
+    ) -> bytes:
+        ranged = start is not None and end is not None
+        headers = {}
+        if start is not None or end is not None:
+            first = start or 0
+            headers["Range"] = f"bytes={first}-{'' if end is None else end - 1}"
+        if if_match:
+            headers["If-Match"] = if_match
+        async with self._http_open(fs, "GET", path, headers) as response:
+            if response.status == 412:
+                raise ObjectChanged(
+                    f"GET {path}: the object changed since it was read (ETag {if_match})",
+                    url=path,
+                    status=412,
+                )
+            response.raise_for_status()
+            if ranged:
+                limit = self._check_range_answer(response, start or 0, end or 0)
+            else:
+                if response.status != 200:
+                    raise _RangeIgnored(f"status {response.status} to a GET without Range")
+                limit = self.max_object_bytes
+                length = response.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) > limit:
+                    raise ObjectTooLarge(
+                        f"GET {path}: {length} bytes, over the cap of {limit}", url=path
+                    )
+            return await _read_body(response, limit, self.retry.read_timeout, ranged, path)
+
+    def _check_range_answer(self, response: Any, start: int, end: int) -> int:
+        """How many bytes to read: the range asked for, as the server confirmed it."""
+        asked = f"bytes {start}-{end - 1}"
+        if response.status != 206:
+            raise _RangeIgnored(
+                f"status {response.status} to a request for {asked}: the server ignored Range"
+            )
+        answered = response.headers.get("Content-Range", "")
+        match = _CONTENT_RANGE.fullmatch(answered.strip())
+        if match is None:
+            raise _RangeIgnored(f"Content-Range {answered!r} for a request for {asked}")
+        first, last, total = int(match[1]), int(match[2]), match[3]
+        # A range may end early only where the object does (the last bytes of a zip).
+        ends_early = last < end - 1 and total != "*" and last == int(total) - 1
+        if first != start or (last != end - 1 and not ends_early) or last < first:
+            raise _RangeIgnored(f"Content-Range {answered!r} for a request for {asked}")
+        expected = last - first + 1
+        length = response.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) != expected):
+            raise _RangeIgnored(f"Content-Length {length} with Content-Range {answered!r}")
+        return expected
+
+    def _http_open(self, fs: Any, method: str, path: str, headers: dict[str, str]) -> Any:
+        return _HttpRequest(fs, method, path, headers, self.retry.read_timeout)
 
     async def _check_length(
         self, fs: Any, path: str, start: int, expected: int, data: bytes
@@ -410,6 +532,10 @@ class Fetcher:
                 except _RangeIgnored as exc:
                     self._count_failure(missing=False)
                     raise FetchError(f"{method} {path}: {exc}", url=path, attempts=number) from exc
+                except FetchError as exc:  # decided in the attempt: changed, too large, redirect
+                    self._count_failure(missing=isinstance(exc, MissingObject))
+                    exc.attempts = number
+                    raise
                 except Exception as exc:
                     verdict = classify_error(exc)
                     if verdict is None:  # not an I/O failure: a bug, let it show as itself
@@ -456,4 +582,73 @@ class _ShortRead(Exception):
 
 
 class _RangeIgnored(Exception):
-    """A body longer than the range asked for: the server does not honour ``Range``."""
+    """A body longer than the range asked for, or an answer that is not the range asked for."""
+
+
+class _HttpRequest:
+    """One HTTP request through an fsspec HTTP filesystem's session, following redirects only
+    to the same scheme, host and port; yields the response.
+
+    aiohttp's ``sock_read`` time-out is the inactivity time-out: no byte for that long fails
+    the attempt, which the fetcher retries.
+    """
+
+    def __init__(
+        self, fs: Any, method: str, path: str, headers: dict[str, str], read_timeout: float
+    ) -> None:
+        self.fs, self.method, self.path = fs, method, path
+        self.headers, self.read_timeout = headers, read_timeout
+        self.response: Any = None
+
+    async def __aenter__(self) -> Any:
+        session = await self.fs.set_session()
+        options = dict(self.fs.kwargs)
+        headers = {**(options.pop("headers", None) or {}), **self.headers}
+        options.pop("allow_redirects", None)
+        options["timeout"] = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.read_timeout, sock_read=self.read_timeout
+        )
+        url = URL(str(self.fs.encode_url(self.path)))
+        origin = (url.scheme, url.host, url.port)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await session.request(
+                self.method, url, headers=headers, allow_redirects=False, **options
+            )
+            if response.status not in _REDIRECT_STATUSES:
+                self.response = response
+                return response
+            location = response.headers.get("Location", "")
+            response.release()
+            target = url.join(URL(location))
+            if (target.scheme, target.host, target.port) != origin:
+                raise FetchError(
+                    f"{self.method} {self.path}: redirect to another host ({target.host}) refused",
+                    url=self.path,
+                    status=response.status,
+                )
+            url = target
+        raise FetchError(f"{self.method} {self.path}: too many redirects", url=self.path)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.response is not None:
+            # An unread rest (a server sending more than asked) is dropped with its connection.
+            self.response.release()
+
+
+async def _read_body(
+    response: Any, limit: int, read_timeout: float, ranged: bool, path: str
+) -> bytes:
+    """At most ``limit`` bytes of the body; for a range exactly ``limit``, else a short read."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await asyncio.wait_for(
+            response.content.read(min(_BODY_CHUNK, limit - len(body))), read_timeout
+        )
+        if not chunk:
+            break
+        body += chunk
+    if not ranged and len(body) >= limit and not response.content.at_eof():
+        more = await asyncio.wait_for(response.content.read(1), read_timeout)
+        if more:
+            raise ObjectTooLarge(f"GET {path}: more than the cap of {limit} bytes", url=path)
+    return bytes(body)

@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oistream import sources
-from oistream.sharding.fetch import Fetcher, FetchError, MissingObject
+from oistream.sharding.fetch import Fetcher, FetchError, MissingObject, RetryPolicy
 from oistream.sharding.plan import Plan
-from oistream.sharding.remotezip import CentralDirectoryCache, ZipMember, read_central_directory
+from oistream.sharding.remotezip import (
+    CentralDirectoryCache,
+    CorruptZip,
+    ZipMember,
+    _version_tag,
+    read_central_directory,
+)
 
 # Central directories of train zips are ~17 MB each: enough at a time to hide the round trips
 # (three requests each), few enough to keep the peak small.
@@ -24,7 +30,14 @@ DIRECTORIES_AT_ONCE = 8
 @dataclass
 class MemberLocations:
     members: dict[str, ZipMember] = field(default_factory=dict)
-    zip_errors: dict[str, str] = field(default_factory=dict)  # prefix -> reason
+    # prefix -> reason, for zips that are missing or not zips (confirmed by a second read):
+    # permanent, their images' failures go into complete shards.
+    zip_errors: dict[str, str] = field(default_factory=dict)
+    # prefix -> reason, for zips that could not be read this time (network, throttling, a
+    # cache that cannot be written): their shards are left for a rerun.
+    zip_transient: dict[str, str] = field(default_factory=dict)
+    # prefix -> (size, ETag or None) the directory was read under: member reads check and pin it.
+    zip_objects: dict[str, tuple[int, str | None]] = field(default_factory=dict)
     requests: int = 0
     bytes_requested: int = 0
 
@@ -35,6 +48,7 @@ def locate_members(
     options: dict[str, Any],
     concurrency: int = 64,
     cache_dir: str | None = None,
+    retry: RetryPolicy | None = None,
 ) -> MemberLocations:
     """``cache_dir`` keeps each directory on disk, keyed by the zip's size and ETag: a rerun
     then costs one HEAD per zip instead of its whole directory."""
@@ -43,7 +57,11 @@ def locate_members(
         # MaskPath starts with the ImageID, whose first hex digit names the zip.
         wanted[mask_path[0]].add(mask_path)
     cache = CentralDirectoryCache(cache_dir) if cache_dir else None
-    return asyncio.run(_locate(plan.split, wanted, metadata_root, options, concurrency, cache))
+    return asyncio.run(
+        _locate(
+            plan.split, wanted, metadata_root, options, concurrency, cache, retry or RetryPolicy()
+        )
+    )
 
 
 async def _locate(
@@ -53,28 +71,46 @@ async def _locate(
     options: dict[str, Any],
     concurrency: int,
     cache: CentralDirectoryCache | None,
+    retry: RetryPolicy,
 ) -> MemberLocations:
     fs = await sources.open_async_filesystem(metadata_root, options)
-    fetcher = Fetcher(concurrency=concurrency)
+    fetcher = Fetcher(concurrency=concurrency, retry=retry)
     result = MemberLocations()
     gate = asyncio.Semaphore(DIRECTORIES_AT_ONCE)
 
     async def read_one(prefix: str, names: set[str]) -> None:
         url = sources.mask_zip_url(metadata_root, split, prefix)
+        path = fs._strip_protocol(url)
         async with gate:
             try:
-                directory = await read_central_directory(
-                    fetcher, fs, fs._strip_protocol(url), wanted=names, cache=cache
-                )
+                info = await fetcher.info(fs, path)
+                if info.get("size") is None:
+                    raise FetchError(f"HEAD {url}: the server reports no size", url=url)
+                size, etag = int(info["size"]), _version_tag(info)
+                try:
+                    directory = await read_central_directory(
+                        fetcher, fs, path, size, wanted=names, cache=cache, etag=etag
+                    )
+                except CorruptZip:
+                    # An HTML error page or a cut transfer may be the network's doing: a zip is
+                    # called unreadable only when a second, uncached read agrees.
+                    directory = await read_central_directory(
+                        fetcher, fs, path, size, wanted=names, etag=etag
+                    )
             except MissingObject:
                 result.zip_errors[prefix] = f"mask zip {url} is missing"
                 return
-            except FetchError:
-                raise
-            except Exception as error:  # a malformed zip: its masks fail, the others go on
+            except CorruptZip as error:  # not a zip: its masks fail, the others go on
                 result.zip_errors[prefix] = f"mask zip {url} is unreadable: {error}"
                 return
+            except FetchError as error:
+                result.zip_transient[prefix] = f"mask zip {url} could not be read: {error}"
+                return
+            except OSError as error:  # the zip index cache: environment, not data
+                result.zip_transient[prefix] = f"zip index cache: {type(error).__name__}: {error}"
+                return
             result.members.update(directory)
+            result.zip_objects[prefix] = (size, etag)
 
     try:
         await asyncio.gather(*(read_one(p, n) for p, n in sorted(wanted.items())))

@@ -18,6 +18,18 @@ DEFAULT_CONCURRENCY = 256
 DEFAULT_SAMPLES_PER_SHARD = 1000
 # More local processes than this buys nothing: each already keeps `concurrency` requests in flight.
 MAX_LOCAL_PROCESSES = 8
+# Open Images' mask PNGs are tens to hundreds of kB (a 1600 px 8-bit mask is under 2 MB). A
+# member declaring more, or inflating to more, is refused: a zip bomb fails its image, and one
+# member never costs more than this in memory (``--max-mask-bytes``).
+DEFAULT_MAX_MEMBER_BYTES = 32 * 1024 * 1024
+# Whole objects fetched without a range are images (Open Images JPEGs are at most a few MB):
+# a body over this is refused as it arrives instead of filling memory.
+DEFAULT_MAX_OBJECT_BYTES = 64 * 1024 * 1024
+# Seconds without a byte before a request attempt is abandoned and retried (``--read-timeout``).
+DEFAULT_READ_TIMEOUT = 15.0
+# Deadline of one request attempt in seconds (``--attempt-timeout``): a request's largest body,
+# an 8 MB span, needs that long only below 140 kB/s.
+DEFAULT_ATTEMPT_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -44,3 +56,8 @@ class ShardOptions:
     endpoint_url: str | None = None
     show_progress: bool = True
     zip_index_cache: str | None = None
+    # Write into an ``out`` holding files oistream did not write, or another plan's shards.
+    overwrite: bool = False
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT

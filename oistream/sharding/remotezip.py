@@ -6,6 +6,12 @@ few members from each, so we read the end records and the central directory by r
 plus data, with members that sit close together fetched in one request (``coalesce``), inflated
 and CRC-checked here (``fetch_members``).
 
+Every zip is untrusted: offsets and sizes from its end records and directory are checked
+against the object's size before any request is made for them, a member's declared and actual
+inflated size are capped (``DEFAULT_MAX_MEMBER_BYTES``), and member reads pin the ETag the
+directory was read under (``If-Match``), so a zip replaced mid-run is a transient failure,
+never "corrupt".
+
 Byte budget of ``fetch_members`` (``coalesce`` documents the proof): for each member it asks
 for ``30 + len(name) + LOCAL_EXTRA_MARGIN`` bytes besides the member's own compressed bytes, and
 the gaps it bridges to save requests add at most ``max_waste`` of the payload. With the
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oistream.sharding.fetch import Fetcher, FetchError, MissingObject
+from oistream.sharding.options import DEFAULT_MAX_MEMBER_BYTES
 
 # Local header fields we read: signature, version, flags, method, time, date, crc, sizes,
 # name length, extra length (zipfile.structFileHeader).
@@ -55,6 +62,8 @@ DEFAULT_MAX_GAP = 16 * 1024  # never bridge a gap wider than this to save a requ
 DEFAULT_MAX_WASTE = 0.05  # bridged gap bytes, as a fraction of the payload of the merged span
 DEFAULT_MAX_SPAN = 8 * 1024 * 1024  # one request's size cap: bounds memory per request
 CENTRAL_DIRECTORY_CHUNK = 8 * 1024 * 1024  # a 17 MB directory comes in 3 concurrent parts
+# A train zip's directory is ~17 MB (168k entries); a directory claiming more is refused.
+MAX_DIRECTORY_BYTES = 256 * 1024 * 1024
 
 _UTF8_FLAG = 0x800
 _ENCRYPTED_FLAG = 0x1
@@ -73,11 +82,34 @@ class ZipMember:
 
 
 class CorruptMember(Exception):
-    """A member whose bytes cannot be trusted: bad local header, bad inflate, CRC mismatch."""
+    """A member whose bytes cannot be trusted: bad local header, bad inflate, CRC mismatch.
+
+    ``decided`` is True when the directory alone decides it (the member lies outside the zip,
+    declares too many bytes): a second read could not change the answer.
+    """
+
+    def __init__(self, message: str, *, decided: bool = False) -> None:
+        super().__init__(message)
+        self.decided = decided
 
 
-class CorruptZip(FetchError):
-    """A zip whose end records or central directory cannot be read."""
+class CorruptZip(Exception):
+    """A zip whose end records or central directory cannot be read.
+
+    Not a ``FetchError``: the bytes arrived, they are just not a zip. The caller fails the
+    images whose masks it holds (after a second read confirms it), never the run.
+    """
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+def pinned_etag(tag: str | None) -> str | None:
+    """The ETag to send as ``If-Match``, or None where the tag is not an HTTP ETag."""
+    if tag is None or tag.startswith("mtime:"):
+        return None
+    return tag
 
 
 async def read_central_directory(
@@ -88,6 +120,7 @@ async def read_central_directory(
     *,
     wanted: Collection[str] | None = None,
     cache: CentralDirectoryCache | None = None,
+    etag: str | None = None,
 ) -> dict[str, ZipMember]:
     """The members of the zip at ``path``, by name, read with two or three range requests.
 
@@ -98,37 +131,50 @@ async def read_central_directory(
 
     ``wanted`` keeps only those names (a train zip's full directory is ~30 MB of Python
     objects). With a ``cache`` the object's size and ETag are looked up (one HEAD) and a cached
-    directory is used when both match; otherwise the directory is read and stored.
+    directory is used when both match; otherwise the directory is read and stored. ``etag``
+    (with ``size``, from the caller's own HEAD) saves that HEAD; every read pins it.
     """
-    etag = None
-    if cache is not None:
+    if size is None or (cache is not None and etag is None):
         info = await fetcher.info(fs, path)
+        if info.get("size") is None:
+            raise FetchError(f"HEAD {path}: the server reports no size", url=path)
         size = int(info["size"])
         etag = _version_tag(info)
-        if etag is not None:
-            cached = cache.get(_cache_url(fs, path), size, etag)
-            if cached is not None:
-                return _keep(cached, wanted)
-    elif size is None:
-        size = await fetcher.size(fs, path)
+    if cache is not None and etag is not None:
+        cached = cache.get(_cache_url(fs, path), size, etag)
+        if cached is not None:
+            return _keep(cached, wanted)
+    pin = pinned_etag(etag)
 
+    if size < _END_RECORD.size:
+        raise CorruptZip(f"{path}: not a zip ({size} bytes)", url=path)
     tail_start = max(0, size - TAIL_BYTES)
-    tail = await fetcher.cat(fs, path, tail_start, size)
-    cd_offset, cd_size, entries, concat = await _read_end_records(
-        fetcher, fs, path, tail, tail_start
+    tail = await fetcher.cat(fs, path, tail_start, size, if_match=pin)
+    cd_offset, cd_size, entries, concat, records_start = await _read_end_records(
+        fetcher, fs, path, tail, tail_start, size, pin
     )
     cd_start = cd_offset + concat
-    if cd_start < 0 or cd_start + cd_size > size:
-        raise CorruptZip(f"{path}: central directory out of bounds", url=path)
     cd_end = cd_start + cd_size
+    # The directory lies between the start of the zip proper and its end records; a negative
+    # ``concat`` means the records claim a directory beyond where they themselves sit.
+    if concat < 0 or cd_start < 0 or cd_end > records_start:
+        raise CorruptZip(
+            f"{path}: central directory [{cd_offset}, +{cd_size}) lies outside the zip "
+            f"({size} bytes)",
+            url=path,
+        )
+    if cd_size > MAX_DIRECTORY_BYTES or entries * _CENTRAL_HEADER.size > cd_size:
+        raise CorruptZip(
+            f"{path}: end record claims {entries} entries in {cd_size} bytes", url=path
+        )
     if cd_start >= tail_start:
         directory_bytes = tail[cd_start - tail_start : cd_end - tail_start]
     elif cd_end > tail_start:
         # The tail already holds the directory's last part: fetch only what comes before it.
-        head = await _fetch_chunked(fetcher, fs, path, cd_start, tail_start - cd_start)
+        head = await _fetch_chunked(fetcher, fs, path, cd_start, tail_start - cd_start, pin)
         directory_bytes = head + tail[: cd_end - tail_start]
     else:
-        directory_bytes = await _fetch_chunked(fetcher, fs, path, cd_start, cd_size)
+        directory_bytes = await _fetch_chunked(fetcher, fs, path, cd_start, cd_size, pin)
     del tail
 
     keep = None if (cache is not None and etag is not None) else wanted
@@ -137,6 +183,27 @@ async def read_central_directory(
         cache.put(_cache_url(fs, path), size, etag, members)
         return _keep(members, wanted)
     return members
+
+
+def check_member_bounds(
+    member: ZipMember, object_size: int | None, max_member_bytes: int, path: str
+) -> CorruptMember | None:
+    """Why the directory alone rules ``member`` out (outside the zip, too big), or None."""
+    where = f"{path}:{member.name}"
+    if member.file_size > max_member_bytes or member.compress_size > max_member_bytes:
+        size = max(member.file_size, member.compress_size)
+        return CorruptMember(
+            f"{where}: declares {size} bytes, over the cap of {max_member_bytes}", decided=True
+        )
+    data_end = member.header_offset + LOCAL_HEADER_SIZE + len(member.name.encode("utf-8"))
+    data_end += member.compress_size
+    if member.header_offset < 0 or (object_size is not None and data_end > object_size):
+        return CorruptMember(
+            f"{where}: member at offset {member.header_offset} (+{member.compress_size} bytes) "
+            f"lies outside the zip ({object_size} bytes)",
+            decided=True,
+        )
+    return None
 
 
 def pick_members(
@@ -215,6 +282,9 @@ async def fetch_members(
     *,
     max_waste: float = DEFAULT_MAX_WASTE,
     max_span: int = DEFAULT_MAX_SPAN,
+    object_size: int | None = None,
+    etag: str | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> dict[str, bytes | Exception]:
     """Each member's uncompressed bytes, or the exception that stands for it.
 
@@ -222,29 +292,56 @@ async def fetch_members(
     problem becomes a ``CorruptMember`` value; a span whose request fails for good gives its
     ``FetchError``/``MissingObject`` to each of its members. Nothing here kills the others.
     The caller bounds memory by how many members it passes at once.
+
+    Members the directory places outside ``object_size`` or that declare more than
+    ``max_member_bytes`` are ``CorruptMember`` without a request; spans never reach past
+    ``object_size``. ``etag`` is sent as ``If-Match`` on every read. A member found corrupt
+    is read once more on its own: only a second corrupt read is final.
     """
-    spans = coalesce(members, max_gap, max_waste=max_waste, max_span=max_span)
     results: dict[str, bytes | Exception] = {}
+    fetchable = []
+    for member in members:
+        problem = check_member_bounds(member, object_size, max_member_bytes, path)
+        if problem is None:
+            fetchable.append(member)
+        else:
+            results[member.name] = problem
+    spans = coalesce(fetchable, max_gap, max_waste=max_waste, max_span=max_span)
+    pin = pinned_etag(etag)
 
     async def fetch_span(start: int, end: int, group: list[ZipMember]) -> None:
+        if object_size is not None:
+            end = min(end, object_size)
         try:
-            data = await fetcher.cat(fs, path, start, end)
+            data = await fetcher.cat(fs, path, start, end, if_match=pin)
         except FetchError as error:
             for member in group:
                 results[member.name] = error
             return
         for member in group:
             try:
-                results[member.name] = await _extract(fetcher, fs, path, member, data, start)
+                results[member.name] = await _extract(
+                    fetcher, fs, path, member, data, start, pin, max_member_bytes
+                )
             except (CorruptMember, FetchError) as problem:
                 results[member.name] = problem
 
     await asyncio.gather(*(fetch_span(*span) for span in spans))
+    # Corrupt bytes may be a bad transfer (a proxy's mangling) rather than a bad zip: confirm.
+    suspects = [m for m in fetchable if isinstance(results.get(m.name), CorruptMember)]
+    await asyncio.gather(*(fetch_span(*member_span(m), [m]) for m in suspects))
     return results
 
 
 async def _extract(
-    fetcher: Fetcher, fs: Any, path: str, member: ZipMember, span: bytes, span_start: int
+    fetcher: Fetcher,
+    fs: Any,
+    path: str,
+    member: ZipMember,
+    span: bytes,
+    span_start: int,
+    pin: str | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> bytes:
     where = f"{path}:{member.name}"
     offset = member.header_offset - span_start
@@ -270,17 +367,22 @@ async def _extract(
         # The local extra field was longer than planned for: fetch the rest of the data.
         have = max(0, len(span) - data_start)
         rest_start = span_start + data_start + have
-        rest = await fetcher.cat(fs, path, rest_start, span_start + data_end)
+        rest = await fetcher.cat(fs, path, rest_start, span_start + data_end, if_match=pin)
         raw = span[data_start : data_start + have] + rest
         if len(raw) != member.compress_size:
             raise CorruptMember(f"{where}: data runs past the end of the zip")
     if member.file_size > 1 << 20:  # keep big inflates off the event loop
-        return await asyncio.to_thread(_decompress, raw, member, where)
-    return _decompress(raw, member, where)
+        return await asyncio.to_thread(_decompress, raw, member, where, max_member_bytes)
+    return _decompress(raw, member, where, max_member_bytes)
 
 
-def _decompress(raw: bytes, member: ZipMember, where: str) -> bytes:
+def _decompress(
+    raw: bytes, member: ZipMember, where: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> bytes:
+    """Inflate in one bounded step: the output never exceeds ``min(declared, cap) + 1`` bytes,
+    whatever the input claims, so a bomb costs its compressed size and the cap, no more."""
     method = member.compress_type
+    limit = min(member.file_size, max_member_bytes) + 1  # +1: detect overlong
     if method not in _SUPPORTED_METHODS:
         raise CorruptMember(f"{where}: unsupported compression method {method}")
     if method == zipfile.ZIP_STORED:
@@ -290,11 +392,11 @@ def _decompress(raw: bytes, member: ZipMember, where: str) -> bytes:
         try:
             if method == zipfile.ZIP_DEFLATED:
                 inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                data = inflater.decompress(raw, member.file_size + 1)  # +1: detect overlong
+                data = inflater.decompress(raw, limit)
                 complete = inflater.eof
             else:
                 bunzipper = bz2.BZ2Decompressor()
-                data = bunzipper.decompress(raw, member.file_size + 1)
+                data = bunzipper.decompress(raw, limit)
                 complete = bunzipper.eof
         except (zlib.error, OSError, EOFError) as error:
             raise CorruptMember(f"{where}: cannot decompress: {error}") from error
@@ -308,12 +410,19 @@ def _decompress(raw: bytes, member: ZipMember, where: str) -> bytes:
 
 
 async def _read_end_records(
-    fetcher: Fetcher, fs: Any, path: str, tail: bytes, tail_start: int
-) -> tuple[int, int, int, int]:
-    """``(cd_offset, cd_size, entries, concat)`` from the end record(s) found in ``tail``.
+    fetcher: Fetcher,
+    fs: Any,
+    path: str,
+    tail: bytes,
+    tail_start: int,
+    size: int,
+    pin: str | None,
+) -> tuple[int, int, int, int, int]:
+    """``(cd_offset, cd_size, entries, concat, records_start)`` from the end record(s) in ``tail``.
 
     ``concat`` is the number of bytes before the zip proper (a zip appended to another file):
     offsets in the records are relative to the zip, zipfile shifts them, and so do we.
+    ``records_start`` is where the end records begin: the directory must end before it.
     """
     end = _find_end_record(tail)
     if end < 0:
@@ -323,7 +432,7 @@ async def _read_end_records(
     end_location = tail_start + end
     locator = end - _ZIP64_LOCATOR.size
     if locator < 0 or tail[locator : locator + 4] != zipfile.stringEndArchive64Locator:
-        return cd_offset, cd_size, entries, end_location - cd_size - cd_offset
+        return cd_offset, cd_size, entries, end_location - cd_size - cd_offset, end_location
     _, disk, record_offset, disks = _ZIP64_LOCATOR.unpack_from(tail, locator)
     if disk != 0 or disks > 1:
         raise CorruptZip(f"{path}: zips spanning several disks are not supported", url=path)
@@ -335,14 +444,19 @@ async def _read_end_records(
         record_bytes = tail[record : record + _ZIP64_END_RECORD.size]
     else:
         record_location = record_offset
+        if record_offset < 0 or record_offset + _ZIP64_END_RECORD.size > tail_start + locator:
+            raise CorruptZip(
+                f"{path}: Zip64 locator points to {record_offset}, outside the zip ({size} bytes)",
+                url=path,
+            )
         record_bytes = await fetcher.cat(
-            fs, path, record_offset, record_offset + _ZIP64_END_RECORD.size
+            fs, path, record_offset, record_offset + _ZIP64_END_RECORD.size, if_match=pin
         )
         if record_bytes[:4] != zipfile.stringEndArchive64:
             raise CorruptZip(f"{path}: Zip64 locator points to no Zip64 end record", url=path)
     fields64 = _ZIP64_END_RECORD.unpack(record_bytes)
     entries, cd_size, cd_offset = fields64[7], fields64[8], fields64[9]
-    return cd_offset, cd_size, entries, record_location - cd_size - cd_offset
+    return cd_offset, cd_size, entries, record_location - cd_size - cd_offset, record_location
 
 
 def _find_end_record(tail: bytes) -> int:
@@ -365,10 +479,15 @@ def _find_end_record(tail: bytes) -> int:
                 last_seen = position
 
 
-async def _fetch_chunked(fetcher: Fetcher, fs: Any, path: str, start: int, size: int) -> bytes:
+async def _fetch_chunked(
+    fetcher: Fetcher, fs: Any, path: str, start: int, size: int, pin: str | None = None
+) -> bytes:
     bounds = range(start, start + size, CENTRAL_DIRECTORY_CHUNK)
     parts = await asyncio.gather(
-        *(fetcher.cat(fs, path, b, min(b + CENTRAL_DIRECTORY_CHUNK, start + size)) for b in bounds)
+        *(
+            fetcher.cat(fs, path, b, min(b + CENTRAL_DIRECTORY_CHUNK, start + size), if_match=pin)
+            for b in bounds
+        )
     )
     return b"".join(parts)
 

@@ -19,13 +19,14 @@ from tqdm import tqdm
 import oistream
 from oistream import sources
 from oistream.errors import OistreamError, one_line
-from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
+from oistream.format import FORMAT_VERSION, MANIFEST_NAME, progress_name
 from oistream.sharding import catalog, executors
+from oistream.sharding.fetch import RetryPolicy
 from oistream.sharding.locate import locate_members
 from oistream.sharding.options import MAX_LOCAL_PROCESSES, ShardOptions
 from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask
-from oistream.sharding.writer import OutputLocation
+from oistream.sharding.writer import Lease, OutputLocation, claim_output
 
 
 @dataclass
@@ -49,16 +50,30 @@ class RunReport:
 def run_shard(options: ShardOptions) -> RunReport:
     """Shard one split of a selection into ``options.out`` and write its ``manifest.json``.
 
-    Plans deterministically, claims the output folder for this plan, skips shards already
-    complete, reads each needed mask zip's central directory once, builds the remaining shards
-    on the chosen executor and writes the manifest last. Raises ``OistreamError`` (one line)
-    for anything the user can fix; a rerun of the same options finishes an interrupted run.
+    Plans deterministically, claims the output folder for this plan (refusing foreign files,
+    another plan's shards and a live run's lease unless ``overwrite``), skips shards already
+    complete and verified, reads each needed mask zip's central directory once, builds the
+    remaining shards on the chosen executor and writes the manifest last. Raises
+    ``OistreamError`` (one line) for anything the user can fix or a rerun can finish; the
+    output's lease is released however the run ends.
     """
+    leases: list[Lease] = []
+    try:
+        return _run_shard(options, leases)
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+def _run_shard(options: ShardOptions, leases: list[Lease]) -> RunReport:
     o = options
     classes, split, out = list(o.classes), o.split, o.out
     images, metadata, endpoint_url = o.images, o.metadata, o.endpoint_url
     if split not in sources.SPLITS:
         raise OistreamError(f"unknown split {split!r}; choose one of {', '.join(sources.SPLITS)}")
+    if o.zip_index_cache:
+        _check_cache_writable(o.zip_index_cache)
+    retry = RetryPolicy(timeout=o.attempt_timeout, read_timeout=o.read_timeout)
     started = time.perf_counter()
     images_options = sources.storage_options(images, endpoint_url)
     metadata_options = sources.storage_options(metadata, endpoint_url)
@@ -84,12 +99,12 @@ def run_shard(options: ShardOptions) -> RunReport:
         )
 
     location = OutputLocation(out, out_options)
-    _claim_output(location, plan)
+    leases.append(_claim_output(location, plan, o.overwrite))
     report = RunReport(manifest={}, malformed_rows=table.malformed)
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for index, name in enumerate(plan.shard_names):
-        done = location.read_json(progress_name(name)) if location.exists(name) else None
+        done = _trusted_progress(location, name)
         if done is not None:
             results[name] = done
             report.shards_skipped += 1
@@ -101,7 +116,7 @@ def run_shard(options: ShardOptions) -> RunReport:
         images_read, images_read_options = sources.reading_location(images, images_options)
         metadata_read, metadata_read_options = sources.reading_location(metadata, metadata_options)
         located = locate_members(
-            plan, metadata_read, metadata_read_options, cache_dir=o.zip_index_cache
+            plan, metadata_read, metadata_read_options, cache_dir=o.zip_index_cache, retry=retry
         )
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
@@ -111,7 +126,9 @@ def run_shard(options: ShardOptions) -> RunReport:
             spec = plan.shard(index)
             paths = (x["mask_path"] for sample in spec.samples for x in sample.instances)
             members = {p: located.members[p] for p in paths if p in located.members}
-            return ShardTask(spec, members, located.zip_errors)
+            return ShardTask(
+                spec, members, located.zip_errors, located.zip_transient, located.zip_objects
+            )
 
         # Made one by one as workers free up: a shard's records exist only while it is built.
         tasks = (task(index) for index in todo)
@@ -125,6 +142,9 @@ def run_shard(options: ShardOptions) -> RunReport:
             metadata_options=metadata_read_options,
             out_options=out_options,
             concurrency=o.concurrency,
+            max_member_bytes=o.max_member_bytes,
+            read_timeout=o.read_timeout,
+            attempt_timeout=o.attempt_timeout,
         )
         _run_tasks(
             tasks,
@@ -150,25 +170,63 @@ def run_shard(options: ShardOptions) -> RunReport:
     return report
 
 
-def _claim_output(location: OutputLocation, plan: Plan) -> None:
-    """Refuse to mix two plans' shards in one folder; remember this plan for reruns."""
-    location.prepare()
-    previous = location.read_json(PLAN_RECORD)
-    if previous is not None and previous.get("plan_hash") != plan.plan_hash:
+def _claim_output(location: OutputLocation, plan: Plan, overwrite: bool = False) -> Lease:
+    """Refuse foreign files, another plan's shards or a live run's lease (writer.claim_output);
+    remember this plan for reruns (in ``PLAN_RECORD``)."""
+    return claim_output(
+        location,
+        {
+            "plan_hash": plan.plan_hash,
+            "split": plan.split,
+            "parameters": plan.parameters,
+            "shards": plan.shard_names,
+        },
+        overwrite,
+    )
+
+
+def _check_cache_writable(directory: str) -> None:
+    """A zip index cache that cannot be written would make every zip look unreadable."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".probe.{os.getpid()}.tmp")
+        with open(probe, "wb") as f:
+            f.write(b"oistream")
+        os.remove(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
         raise OistreamError(
-            f"{location.url} holds shards of another selection "
-            f"(plan {previous.get('plan_hash', '?')[:12]}); choose another --out or empty it"
+            f"--zip-index-cache {directory} is not a writable folder: {reason}"
+        ) from None
+
+
+def _trusted_progress(location: OutputLocation, name: str) -> dict[str, Any] | None:
+    """The progress record of a complete shard whose file still matches it, else None.
+
+    A shard whose size or sha256 no longer matches its record (replaced, truncated) is
+    rebuilt; a record that is not one is an error naming its file.
+    """
+    record_name = progress_name(name)
+    if not location.exists(name):
+        return None
+    done = location.read_json(record_name)
+    if done is None:
+        return None
+    stats = done.get("stats") if isinstance(done, dict) else None
+    if not (
+        isinstance(stats, dict)
+        and stats.get("name") == name
+        and type(stats.get("bytes")) is int
+        and isinstance(stats.get("sha256"), str)
+        and isinstance(done.get("failures"), list)
+    ):
+        raise OistreamError(
+            f"{location.url}/{record_name} is not a progress record of {name}; delete it to "
+            "redo that shard"
         )
-    if previous is None:
-        location.write_json(
-            PLAN_RECORD,
-            {
-                "plan_hash": plan.plan_hash,
-                "split": plan.split,
-                "parameters": plan.parameters,
-                "shards": plan.shard_names,
-            },
-        )
+    if location.verify(stats) is not None:
+        return None
+    return done
 
 
 def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) -> None:
@@ -286,7 +344,11 @@ def build_manifest(
         "classes": plan.manifest_classes(),
         "selection": plan.parameters,
         "plan_hash": plan.plan_hash,
-        "catalog": {"csv_rows": table.total_rows, "malformed_rows": table.malformed},
+        "catalog": {
+            "csv_rows": table.total_rows,
+            "malformed_rows": table.malformed,
+            "duplicate_rows": table.duplicates,
+        },
         "shards": shards,
         "totals": {
             "shards": len(shards),
@@ -314,6 +376,9 @@ def format_summary(report: RunReport, out: str) -> str:
     ]
     if report.malformed_rows:
         lines.append(f"skipped {report.malformed_rows} malformed CSV row(s)")
+    duplicates = report.manifest.get("catalog", {}).get("duplicate_rows", 0)
+    if duplicates:
+        lines.append(f"dropped {duplicates} repeated CSV row(s)")
     if totals["failures"]:
         first = report.manifest["failures"][0]
         lines.append(

@@ -19,8 +19,13 @@ from PIL import Image
 
 from oistream import sources
 from oistream.format import progress_name
-from oistream.sharding.fetch import Fetcher, MissingObject
-from oistream.sharding.options import DEFAULT_CONCURRENCY
+from oistream.sharding.fetch import Fetcher, MissingObject, ObjectTooLarge, RetryPolicy
+from oistream.sharding.options import (
+    DEFAULT_ATTEMPT_TIMEOUT,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_MEMBER_BYTES,
+    DEFAULT_READ_TIMEOUT,
+)
 from oistream.sharding.plan import SampleSpec, ShardSpec
 from oistream.sharding.remotezip import CorruptMember, ZipMember, fetch_members
 from oistream.sharding.writer import OutputLocation, ShardStats
@@ -42,6 +47,9 @@ class JobContext:
     metadata_options: dict[str, Any]
     out_options: dict[str, Any]
     concurrency: int = DEFAULT_CONCURRENCY
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
 
 
 @dataclass
@@ -51,6 +59,10 @@ class ShardTask:
     members: dict[str, ZipMember]
     # zip prefix -> why that whole zip could not be read (missing object, bad central directory)
     zip_errors: dict[str, str] = field(default_factory=dict)
+    # zip prefix -> why it could not be read this time: the shard is left for a rerun
+    zip_transient: dict[str, str] = field(default_factory=dict)
+    # zip prefix -> (size, ETag) its directory was read under
+    zip_objects: dict[str, tuple[int, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +79,10 @@ class ShardResult:
 
 class SampleFailure(Exception):
     """A problem with one image or one of its masks: recorded in the manifest, sample left out."""
+
+
+class ShardIncomplete(Exception):
+    """A transient or environmental problem: the shard is not published, a rerun redoes it."""
 
 
 ProgressCallback = Callable[[int, int, int], None]  # (samples done, bytes written, failures)
@@ -94,13 +110,14 @@ async def _build_shard(
     metadata_fs = await sources.open_async_filesystem(
         context.metadata_root, context.metadata_options
     )
-    fetcher = Fetcher(concurrency=context.concurrency)
+    fetcher = Fetcher(
+        concurrency=context.concurrency,
+        retry=RetryPolicy(timeout=context.attempt_timeout, read_timeout=context.read_timeout),
+    )
     location = OutputLocation(context.out_url, context.out_options)
 
     async def fetch_sample(sample: SampleSpec) -> dict[str, bytes]:
-        return await _fetch_sample(
-            sample, task.members, task.zip_errors, context, fetcher, images_fs, metadata_fs
-        )
+        return await _fetch_sample(sample, task, context, fetcher, images_fs, metadata_fs)
 
     failures: list[dict[str, str]] = []
     samples = iter(task.spec.samples)
@@ -160,18 +177,20 @@ async def _build_shard(
 
 async def _fetch_sample(
     sample: SampleSpec,
-    members: dict[str, ZipMember],
-    zip_errors: dict[str, str],
+    task: ShardTask,
     context: JobContext,
     fetcher: Fetcher,
     images_fs: Any,
     metadata_fs: Any,
 ) -> dict[str, bytes]:
+    prefix = sample.image_id[0]
+    if prefix in task.zip_transient:
+        raise ShardIncomplete(f"{sample.image_id}: {task.zip_transient[prefix]}")
     needed = []
     for instance in sample.instances:
-        member = members.get(instance["mask_path"])
+        member = task.members.get(instance["mask_path"])
         if member is None:
-            zip_error = zip_errors.get(sample.image_id[0])
+            zip_error = task.zip_errors.get(prefix)
             if zip_error:
                 raise SampleFailure(f"mask {instance['mask_path']}: {zip_error}")
             raise SampleFailure(f"mask {instance['mask_path']} is missing from its zip")
@@ -183,7 +202,16 @@ async def _fetch_sample(
         sources.mask_zip_url(context.metadata_root, context.split, sample.image_id[0])
     )
     image_request = _fetch_image(fetcher, images_fs, image_path)
-    masks_request = fetch_members(fetcher, metadata_fs, zip_path, needed)
+    size, etag = task.zip_objects.get(prefix, (None, None))
+    masks_request = fetch_members(
+        fetcher,
+        metadata_fs,
+        zip_path,
+        needed,
+        object_size=size,
+        etag=etag,
+        max_member_bytes=context.max_member_bytes,
+    )
     image, masks = await asyncio.gather(image_request, masks_request)
     width, height = _jpeg_size(image, sample.image_id)
     fields: dict[str, bytes] = {"jpg": image}
@@ -213,6 +241,8 @@ async def _fetch_image(fetcher: Fetcher, fs: Any, path: str) -> bytes:
         return await fetcher.cat(fs, path)
     except MissingObject as missing:
         raise SampleFailure(f"image {path} is missing: {missing}") from None
+    except ObjectTooLarge as large:
+        raise SampleFailure(f"image {path} is too large: {large}") from None
 
 
 def _jpeg_size(data: bytes, image_id: str) -> tuple[int, int]:

@@ -7,21 +7,36 @@ its samples (fixed mtime, owner and member order), so the same plan gives the sa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import re
+import socket
 import tarfile
 import tempfile
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from oistream import sources
+from oistream.errors import OistreamError
+from oistream.format import PLAN_RECORD, PROGRESS_FOLDER
 
 # A fixed timestamp (2000-01-01) for every member: reproducible bytes, and no 1970 surprises.
 TAR_MTIME = 946_684_800
 TAR_OWNER = "oistream"
+LEASE_RECORD = f"{PROGRESS_FOLDER}/lease.json"
+# Every name oistream ever writes under an output root: anything else there is someone else's.
+_OURS = re.compile(
+    r"(?:[a-z]+-[0-9]{6}\.tar|manifest\.json|\..+\.[0-9]+\.partial|.+\.[0-9]+\.tmp"
+    rf"|{PROGRESS_FOLDER}/(?:[a-z]+-[0-9]{{6}}\.tar\.json|plan\.json|lease\.json|.+\.[0-9]+\.tmp))"
+)
+_HASH_BLOCK = 8 * 1024 * 1024
 
 
 @dataclass
@@ -63,6 +78,7 @@ class OutputLocation:
         return f"{self.root}/{name}"
 
     def prepare(self) -> None:
+        """Remove partial files of an interrupted run; call only while holding the lease."""
         if self.is_local:
             os.makedirs(self.root, exist_ok=True)
             for leftover in os.listdir(self.root):
@@ -74,11 +90,80 @@ class OutputLocation:
         return self.fs.exists(self.path(name))
 
     def read_json(self, name: str) -> Any | None:
+        """The JSON document ``name``, None when absent; a broken one is an error naming it."""
         try:
             with self.fs.open(self.path(name), "rb") as f:
-                return json.loads(f.read())
+                data = f.read()
         except FileNotFoundError:
             return None
+        try:
+            return json.loads(data)
+        except ValueError as error:
+            raise OistreamError(
+                f"{self.url}/{name} is not valid JSON ({error}); delete it to redo what it records"
+            ) from None
+
+    def listing(self) -> list[str]:
+        """Every file under the root, as names relative to it; [] when the root is absent."""
+        if not self.fs.exists(self.root):
+            return []
+        found = self.fs.find(self.root)
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(f[len(prefix) :] if f.startswith(prefix) else f for f in found)
+
+    def foreign_files(self, names: list[str]) -> list[str]:
+        """Files in ``names`` oistream did not write: not its names, or no plan record."""
+        if not names:
+            return []
+        if PLAN_RECORD not in names and LEASE_RECORD not in names:
+            return names  # a folder that no run of ours ever claimed
+        return [n for n in names if not _OURS.fullmatch(n)]
+
+    def verify(self, stats: dict[str, Any]) -> str | None:
+        """Why the published shard does not match its recorded size and sha256, or None."""
+        name = stats["name"]
+        try:
+            size = int(self.fs.size(self.path(name)))
+        except FileNotFoundError:
+            return "missing"
+        if size != stats["bytes"]:
+            return f"{size} bytes, recorded {stats['bytes']}"
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(name), "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+        if digest.hexdigest() != stats["sha256"]:
+            return "sha256 differs from the recorded one"
+        return None
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if it does not exist; False when it does (someone else's)."""
+        if self.is_local:
+            final = self.path(name)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            try:
+                handle = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+            return True
+        if self.fs.exists(self.path(name)):
+            return False
+        try:
+            # A conditional create (If-None-Match: *) where the store has it (S3, s3fs).
+            self.fs.pipe_file(self.path(name), data, mode="create")
+        except TypeError:  # a filesystem without create mode: the check above must do
+            self.fs.pipe_file(self.path(name), data)
+        except (FileExistsError, OSError) as error:
+            if isinstance(error, FileExistsError) or "PreconditionFailed" in str(error):
+                return False
+            raise
+        return True
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(name))
 
     def write_json(self, name: str, value: Any) -> None:
         data = (json.dumps(value, indent=1, sort_keys=False) + "\n").encode()
@@ -182,3 +267,106 @@ class ShardFile:
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+@dataclass
+class Lease:
+    """This run's hold on an output root: ``_progress/lease.json`` with host, PID and time."""
+
+    location: OutputLocation
+    record: dict[str, Any]
+
+    def release(self) -> None:
+        """Remove the lease if it is still ours (a run that took over a stale one keeps it)."""
+        try:
+            current = self.location.read_json(LEASE_RECORD)
+        except OistreamError:
+            return
+        if current is not None and current.get("run") == self.record["run"]:
+            self.location.remove(LEASE_RECORD)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError as error:
+        return error.errno != errno.ESRCH
+    return True
+
+
+def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrite: bool) -> Lease:
+    """Make ``location`` this run's, or refuse with one line having written and deleted nothing.
+
+    Refused: a folder holding files oistream did not write (unless ``overwrite``), a folder
+    holding another plan's shards (unless ``overwrite``, which then rebuilds every shard), and
+    a folder leased by a live run. A lease left by a dead process on this host is taken over.
+    Only once the lease is held are partial files removed and the plan recorded.
+    """
+    names = location.listing()
+    foreign = location.foreign_files(names)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise OistreamError(
+            f"{location.url} holds files oistream did not write ({shown}); choose an empty "
+            "--out, or pass --overwrite to write there anyway"
+        )
+    previous = location.read_json(PLAN_RECORD) if PLAN_RECORD in names else None
+    if previous is not None and not isinstance(previous, dict):
+        raise OistreamError(f"{location.url}/{PLAN_RECORD} is not a plan record; delete it")
+    if (
+        previous is not None
+        and previous.get("plan_hash") != plan_record["plan_hash"]
+        and not overwrite
+    ):
+        raise OistreamError(
+            f"{location.url} holds shards of another selection "
+            f"(plan {str(previous.get('plan_hash', '?'))[:12]}); choose another --out, "
+            "or pass --overwrite to replace them"
+        )
+    lease = _take_lease(location)
+    try:
+        location.prepare()
+        if previous is None or previous.get("plan_hash") != plan_record["plan_hash"]:
+            # A new plan here: the old progress records describe shards this plan will replace.
+            for name in names:
+                if name.startswith(f"{PROGRESS_FOLDER}/") and name.endswith(".tar.json"):
+                    location.remove(name)
+            location.write_json(PLAN_RECORD, plan_record)
+    except BaseException:
+        lease.release()
+        raise
+    return lease
+
+
+def _take_lease(location: OutputLocation) -> Lease:
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": uuid.uuid4().hex,
+    }
+    data = (json.dumps(record) + "\n").encode()
+    if location.create_exclusive(LEASE_RECORD, data):
+        return Lease(location, record)
+    holder = location.read_json(LEASE_RECORD)
+    if not isinstance(holder, dict):
+        holder = {}
+    stale = (
+        holder.get("host") == record["host"]
+        and isinstance(holder.get("pid"), int)
+        and not _process_alive(holder["pid"])
+    )
+    if stale:
+        location.write_bytes(LEASE_RECORD, data)  # a dead run on this host: take over
+        return Lease(location, record)
+    raise OistreamError(
+        f"{location.url} is in use by another run (host {holder.get('host', '?')}, "
+        f"pid {holder.get('pid', '?')}, since {holder.get('started', '?')}); if that run is "
+        f"gone, delete {location.url}/{LEASE_RECORD}"
+    )

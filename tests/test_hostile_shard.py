@@ -1,0 +1,285 @@
+"""`oistream shard` against a server that lies, stalls and serves damaged zips (issue 11).
+
+Each case asserts the exit code, the manifest's samples and failures against a clean run of
+the same selection, and the bytes the server sent; memory cases run in a child process under
+an address-space limit so that a regression fails fast instead of swapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hostile import (
+    damaged_zips,
+    manifest,
+    offset_past_end,
+    run_child,
+    selected_images,
+    shard_argv,
+    with_bomb,
+    zip_url_path,
+)
+
+from oistream.cli import main
+from oistream.testing.hostileserver import HostileServer
+
+
+@pytest.fixture(scope="module")
+def clean(fake_bucket: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A clean run's manifest and the bytes the server sent for it."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    with HostileServer(fake_bucket) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        sent = server.stats.bytes_sent
+    return {"manifest": manifest(out), "bytes": sent}
+
+
+@pytest.fixture(scope="module")
+def victim(fake_bucket: Path) -> str:
+    """The zip prefix holding the masks of the most selected images."""
+    prefixes = list(selected_images(fake_bucket).values())
+    return max(sorted(set(prefixes)), key=prefixes.count)
+
+
+def zip_bytes(bucket: Path, prefix: str) -> bytes:
+    return (bucket / zip_url_path(prefix).lstrip("/")).read_bytes()
+
+
+def images_of(bucket: Path, prefix: str) -> set[str]:
+    return {i for i, p in selected_images(bucket).items() if p == prefix}
+
+
+def sample_ids(m: dict, out: Path) -> set[str]:
+    import tarfile
+
+    ids = set()
+    for shard in m["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            ids |= {n.split(".")[0] for n in tar.getnames()}
+    return ids
+
+
+@pytest.mark.parametrize("case", list(damaged_zips(b"PK\x05\x06" + bytes(18))))
+def test_a_zip_that_is_not_a_zip_fails_only_its_images(
+    fake_bucket, tmp_path, clean, victim, case, capsys
+):
+    bad = damaged_zips(zip_bytes(fake_bucket, victim))[case]
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket, overrides={zip_url_path(victim): bad}) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        sent = server.stats
+    m = manifest(out)
+    lost = images_of(fake_bucket, victim)
+    assert {f["image_id"] for f in m["failures"]} == lost
+    assert all(f"train-masks-{victim}.zip is unreadable" in f["reason"] for f in m["failures"])
+    assert m["totals"]["samples"] == clean["manifest"]["totals"]["samples"] - len(lost)
+    assert sent.bytes_sent <= 1.10 * clean["bytes"]
+    # The failure is permanent and baked in: a rerun finds every shard complete.
+    with HostileServer(fake_bucket, overrides={zip_url_path(victim): bad}) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        assert server.stats.gets_by_path.get(zip_url_path(victim), 0) == 0
+
+
+def test_a_member_placed_past_the_end_fails_its_image_without_a_request(
+    fake_bucket, tmp_path, clean, victim
+):
+    bad, member = offset_past_end(zip_bytes(fake_bucket, victim))
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket, overrides={zip_url_path(victim): bad}) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        log = server.stats.log
+    m = manifest(out)
+    assert [f["image_id"] for f in m["failures"]] == [member.split("_")[0]]
+    assert "lies outside the zip" in m["failures"][0]["reason"]
+    assert m["totals"]["samples"] == clean["manifest"]["totals"]["samples"] - 1
+    ranges = [r for method, path, r, _, _ in log if path == zip_url_path(victim) and r]
+    assert all(int(r.split("=")[1].split("-")[1]) < len(bad) for r in ranges)
+
+
+@pytest.mark.parametrize("honest", [True, False], ids=["declared", "lying"])
+def test_a_zip_bomb_fails_its_image_in_bounded_memory(fake_bucket, tmp_path, clean, victim, honest):
+    # 512 MiB of zeros deflate to 0.5 MB; the child may not map more than 1.5 GB in all, so
+    # inflating the bomb whole (as main did, trusting the declared size) would fail the run.
+    bad, member = with_bomb(zip_bytes(fake_bucket, victim), 512 << 20, honest=honest)
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket, overrides={zip_url_path(victim): bad}) as server:
+        child = run_child(shard_argv(server.url, out), address_space=1_500 << 20)
+    assert child.returncode == 0, child.stderr
+    m = manifest(out)
+    assert [f["image_id"] for f in m["failures"]] == [member.split("_")[0]]
+    reason = m["failures"][0]["reason"]
+    assert ("over the cap" in reason) if honest else ("decompressed to" in reason)
+    assert m["totals"]["samples"] == clean["manifest"]["totals"]["samples"] - 1
+    assert child.peak_rss_bytes < 1 << 30
+
+
+@pytest.mark.parametrize("behaviour", ["ignore_range", "wrong_range", "fail", "stall"])
+def test_a_misbehaving_zip_server_leaves_shards_for_a_rerun(
+    fake_bucket, tmp_path, clean, victim, behaviour, capsys
+):
+    out = tmp_path / "out"
+    path = zip_url_path(victim)
+    options = ["--read-timeout", "0.3", "--attempt-timeout", "5"]
+    with HostileServer(fake_bucket, misbehave={path: behaviour}) as server:
+        assert main(shard_argv(server.url, out, *options)) == 1
+        stats = server.stats
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "rerun the same command" in error
+    assert manifest(out) is None
+    # Nothing of that zip's images was baked as a failure into a complete shard.
+    for record in (out / "_progress").glob("train-*.json"):
+        failures = json.loads(record.read_text())["failures"]
+        assert not {f["image_id"] for f in failures} & images_of(fake_bucket, victim)
+    assert stats.bytes_sent <= 1.10 * clean["bytes"]
+    if behaviour in ("ignore_range", "wrong_range"):
+        assert stats.gets_by_path[path] == 1  # refused at once, not retried
+    else:  # every attempt made, each cut short: the HEAD fails, or the GET stalls
+        method = "HEAD" if behaviour == "fail" else "GET"
+        assert len([e for e in stats.log if e[:2] == (method, path)]) == 8
+    with HostileServer(fake_bucket) as server:
+        assert main(shard_argv(server.url, out)) == 0
+    assert manifest(out)["totals"] == clean["manifest"]["totals"]
+
+
+def test_range_ignored_on_a_big_zip_is_abandoned_after_the_headers(fake_bucket, tmp_path, victim):
+    # Pad the zip with 32 MB in front of its members (a real train zip is 2 GB): a fetcher
+    # that read the whole answer before checking it would pull all of it.
+    original = zip_bytes(fake_bucket, victim)
+    padding = os.urandom(32 << 20)
+    padded = padding + original  # a zip with data before it: offsets shift, zipfile agrees
+    out = tmp_path / "out"
+    path = zip_url_path(victim)
+    with HostileServer(
+        fake_bucket, overrides={path: padded}, misbehave={path: "ignore_range"}
+    ) as server:
+        assert main(shard_argv(server.url, out)) == 1
+        sent = server.stats.bytes_by_path[path]
+    assert sent < len(padded) // 4
+
+
+def test_an_object_replaced_mid_run_is_transient_not_corrupt(fake_bucket, tmp_path, clean, victim):
+    import io
+    import zipfile
+
+    original = zip_bytes(fake_bucket, victim)
+    # The same members in another order: a valid zip with other offsets and another ETag.
+    with zipfile.ZipFile(io.BytesIO(original)) as source:
+        members = [(i.filename, source.read(i)) for i in source.infolist()]
+    replaced = io.BytesIO()
+    with zipfile.ZipFile(replaced, "w") as target:
+        for name, data in reversed(members):
+            target.writestr(name, data)
+    path = zip_url_path(victim)
+    out = tmp_path / "out"
+    # The directory read is one GET (the tail holds it); every later GET sees the new zip.
+    with HostileServer(fake_bucket, replace_after={path: (1, replaced.getvalue())}) as server:
+        assert main(shard_argv(server.url, out)) == 1
+    assert manifest(out) is None
+    for record in (out / "_progress").glob("train-*.json"):
+        assert "corrupt" not in record.read_text()
+    with HostileServer(fake_bucket, overrides={path: replaced.getvalue()}) as server:
+        assert main(shard_argv(server.url, out)) == 0
+    assert manifest(out)["totals"] == clean["manifest"]["totals"]
+
+
+def test_a_redirect_to_another_host_is_not_followed(fake_bucket, tmp_path, victim, capsys):
+    path = zip_url_path(victim)
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket, misbehave={path: "redirect_elsewhere"}) as server:
+        assert main(shard_argv(server.url, out)) == 1
+        log = server.stats.log
+    assert not [entry for entry in log if entry[4].startswith("localhost")]
+    assert "redirect to another host" in capsys.readouterr().err
+
+
+def test_an_unwritable_zip_index_cache_is_refused_at_start(fake_bucket, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket) as server:
+        argv = shard_argv(server.url, out, "--zip-index-cache", str(blocker / "cache"))
+        assert main(argv) == 1
+        assert server.stats.requests == 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--zip-index-cache" in error[0]
+    assert not out.exists()
+
+
+# --- the output folder ------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "name", ["train-000000.tar", "manifest.json", ".train-000000.tar.4242.partial", "notes.txt"]
+)
+def test_an_out_holding_foreign_files_is_refused_untouched(fake_bucket, tmp_path, name, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"somebody else's work")
+    before = snapshot(out)
+    with HostileServer(fake_bucket) as server:
+        assert main(shard_argv(server.url, out)) == 1
+        assert main(shard_argv(server.url, out, "--overwrite")) == 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "did not write" in error[0] and name in error[0]
+    after = snapshot(out)
+    if name == "notes.txt":  # not one of our names: --overwrite leaves it alone
+        assert after[name] == before[name]
+
+
+def test_a_second_run_is_kept_off_by_the_lease_and_deletes_nothing(fake_bucket, tmp_path, capsys):
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        # A first run still at work: its lease (a live process on this host) and a partial.
+        lease = {"host": socket.gethostname(), "pid": os.getppid(), "started": "now", "run": "x"}
+        (out / "_progress" / "lease.json").write_text(json.dumps(lease))
+        (out / ".train-000001.tar.999999.partial").write_bytes(b"half a shard")
+        (out / "train-000001.tar").unlink()
+        before = snapshot(out)
+        assert main(shard_argv(server.url, out)) == 1
+        assert snapshot(out) == before
+        assert "in use by another run" in capsys.readouterr().err
+        # Once that process is gone its lease is stale: the next run takes over and finishes.
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        lease["pid"] = dead.pid
+        (out / "_progress" / "lease.json").write_text(json.dumps(lease))
+        assert main(shard_argv(server.url, out)) == 0
+    assert not (out / ".train-000001.tar.999999.partial").exists()
+    assert not (out / "_progress" / "lease.json").exists()
+    assert (out / "train-000001.tar").exists()
+
+
+def test_a_complete_shard_replaced_by_garbage_is_rebuilt(fake_bucket, tmp_path):
+    import hashlib
+
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        good = (out / "train-000000.tar").read_bytes()
+        (out / "train-000000.tar").write_bytes(b"\0" * len(good))  # same size, other bytes
+        assert main(shard_argv(server.url, out)) == 0
+    assert (out / "train-000000.tar").read_bytes() == good
+    for shard in manifest(out)["shards"]:
+        assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+def test_a_broken_progress_record_is_named(fake_bucket, tmp_path, capsys):
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        (out / "_progress" / "train-000000.tar.json").write_text('{"stats": ')
+        assert main(shard_argv(server.url, out)) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "_progress/train-000000.tar.json" in error[0]
+    assert "unexpected" not in error[0]
