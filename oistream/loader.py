@@ -72,6 +72,19 @@ __all__ = [
 
 # Remote shards are read front to back; large read-ahead blocks keep requests few.
 REMOTE_BLOCK_SIZE = 8 * 2**20
+# Bytes one sample may make the loader hold, counted from headers before anything is decoded:
+# the RGB image (3 x H x W), each mask at its own size, and the N x H x W mask planes. A real
+# Open Images sample (at most 1024 px, a few dozen 1600 px masks) stays under ~0.2 G; a
+# crafted one (40 masks of 13000 x 13000, or a 9000 x 9000 JPEG with 200 tiny masks) asks for
+# 7-16 G and is skipped with a ShardWarning.
+DEFAULT_PIXEL_BUDGET = 2**30
+# What a compressed stream starts with: gzip, bzip2, xz, zstd. Shard format v1 is a plain tar.
+_COMPRESSED_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
 _TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 Target = dict[str, Any]
@@ -197,6 +210,13 @@ def _read_members(
         produced = False
         try:
             with opener.open(url) as stream:
+                # webdataset opens tars with mode "r|*", which would inflate a compressed one
+                # whole-heartedly (a gzip bomb): format v1 is uncompressed, so refuse it.
+                head = stream.read(6)
+                stream.seek(0)
+                for magic, kind in _COMPRESSED_MAGIC.items():
+                    if head.startswith(magic):
+                        raise _BadSample(f"it is {kind}-compressed, not a format v1 (plain) tar")
                 members = wds.tariterators.tar_file_iterator(
                     stream,
                     handler=_warn_and_continue,
@@ -306,8 +326,11 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         decode_images: bool = True,
+        pixel_budget: int = DEFAULT_PIXEL_BUDGET,
     ) -> None:
         super().__init__()
+        # Samples whose headers promise more than this many bytes decoded are skipped.
+        self.pixel_budget = int(pixel_budget)
         # False hands over each JPEG undecoded (a 1-D uint8 tensor, its size in
         # target["image_size"]) for a batched GPU decode in the main process.
         self.decode_images = decode_images
@@ -473,6 +496,24 @@ class ShardDataset(IterableDataset):
             _warn(f"skipping sample {key} in {url}: {type(error).__name__}: {_short(error)}")
             return None
 
+    def _check_budget(self, raw: dict[str, Any], instances: list[Any]) -> None:
+        """Refuse a sample whose headers promise more decoded bytes than ``pixel_budget``."""
+        width, height = _image_size(raw["jpg"], "the image")
+        total = 3 * width * height + len(instances) * width * height
+        for instance in instances:
+            field = instance.get("mask") if isinstance(instance, dict) else None
+            if isinstance(field, str) and field in raw:
+                mask_width, mask_height = _image_size(raw[field], f"mask {field}")
+                total += mask_width * mask_height
+            if total > self.pixel_budget:
+                break
+        if total > self.pixel_budget:
+            raise _BadSample(
+                f"{len(instances)} masks on a {width}x{height} image would take over "
+                f"{total / 2**20:.0f} MiB decoded, over the pixel budget of "
+                f"{self.pixel_budget / 2**20:.0f} MiB"
+            )
+
     def assemble(self, raw: dict[str, Any]) -> Sample:
         """One sample's members (``jpg``, ``json``, ``NNN.mask.png`` bytes) -> (image, target)."""
         key = str(raw["__key__"])
@@ -483,6 +524,7 @@ class ShardDataset(IterableDataset):
         instances = record.get("instances", [])
         if not isinstance(instances, list):
             raise _BadSample("'instances' is not a list")
+        self._check_budget(raw, instances)
         if self.decode_images:
             image = decode_image(raw["jpg"])
             height, width = int(image.shape[1]), int(image.shape[2])
@@ -505,7 +547,9 @@ class ShardDataset(IterableDataset):
                 or field not in raw
             ):
                 raise _BadSample(f"mask member {field!r} is missing")
-            label = int(instance["class_index"])
+            label = instance.get("class_index")
+            if type(label) is not int:  # 1.9 or true must not quietly become class 1
+                raise _BadSample(f"class_index {label!r} is not an integer")
             if label < 1 or (max_label is not None and label > max_label):
                 raise _BadSample(f"class_index {label} is outside 1..{max_label}")
             masks.append(decode_mask_png(raw[field]))
@@ -528,6 +572,15 @@ class ShardDataset(IterableDataset):
         if not self.decode_images:
             target["image_size"] = (height, width)
         return image, drop_small_instances(target, self.min_area)
+
+
+def _image_size(data: bytes, what: str) -> tuple[int, int]:
+    """(width, height) from an image's header, nothing decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.size
+    except Exception as error:
+        raise _BadSample(f"{what} has no readable image header: {_short(error)}") from None
 
 
 def _mask_areas(planes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
