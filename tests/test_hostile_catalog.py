@@ -14,17 +14,13 @@ from test_catalog import PERSON, csv_row, write_csv
 
 from oistream.sharding import catalog
 from oistream.sharding.catalog import read_segmentations
+from oistream.testing.hostile import crafted_clicks
 
 # The pattern main shipped before: exponential on a few crafted clicks. Kept here only as the
 # reference the linear one must agree with.
 _OLD_NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 _OLD_CLICK = rf"{_OLD_NUMBER}[ \t]+{_OLD_NUMBER}[ \t]+[01]"
 _OLD = re.compile(rf"[ \t\r\n]*(?:{_OLD_CLICK}(?:[ \t]*;[ \t]*{_OLD_CLICK})*)?[ \t\r\n]*")
-
-
-def crafted_clicks(clicks: int) -> str:
-    """Digits that split many ways, ending in a stray character: the backtracking trigger."""
-    return ";".join(["11111111 11111111 1"] * clicks) + " x"
 
 
 def test_crafted_clicks_are_rejected_in_a_child_that_must_finish(tmp_path: Path) -> None:

@@ -195,6 +195,16 @@ def check_member_bounds(
         return CorruptMember(
             f"{where}: declares {size} bytes, over the cap of {max_member_bytes}", decided=True
         )
+    # Deflate adds at most 5 bytes per 16 kB stored block, bzip2 about 1 % + 600 bytes: more
+    # compressed bytes than that over the declared size is a lie (a bomb declaring a small
+    # size), decided from the directory before a byte of it is fetched.
+    most = member.file_size + member.file_size // 100 + 1024
+    if member.compress_size > (member.file_size if member.compress_type == 0 else most):
+        return CorruptMember(
+            f"{where}: {member.compress_size} compressed bytes cannot inflate to the "
+            f"{member.file_size} declared",
+            decided=True,
+        )
     data_end = member.header_offset + LOCAL_HEADER_SIZE + len(member.name.encode("utf-8"))
     data_end += member.compress_size
     if member.header_offset < 0 or (object_size is not None and data_end > object_size):

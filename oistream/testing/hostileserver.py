@@ -216,6 +216,12 @@ class HostileServer:
                 failure.append(error)
                 started.set()
             finally:
+                # Handlers still stalling end here, instead of being destroyed pending.
+                leftovers = asyncio.all_tasks(loop)
+                for task in leftovers:
+                    task.cancel()
+                if leftovers:
+                    loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
                 loop.close()
 
         self._thread = threading.Thread(target=run, name="hostileserver", daemon=True)

@@ -1,5 +1,5 @@
-"""Helpers for the hostile tests and benchmarks/faults.py: damaged zips and shard runs over
-``HostileServer``.
+"""Hostile inputs for tests and benchmarks/faults.py: damaged zips, zip bombs, crafted CSV rows,
+and `oistream shard` runs in a child process (optionally under an address-space limit).
 
 Every damaged zip is made from a real one of the fake bucket by patching the bytes the
 attack is about, so the rest of the zip stays as the writer made it.
@@ -13,6 +13,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ SPLIT = "train"
 
 
 def zip_url_path(prefix: str, split: str = SPLIT) -> str:
+    """The URL path of a mask zip under a server rooted at a fake bucket."""
     return f"/openimages/v5/{split}-masks/{split}-masks-{prefix}.zip"
 
 
 def end_record_offset(data: bytes) -> int:
+    """Where the (last) end of central directory record starts."""
     return data.rfind(zipfile.stringEndArchive)
 
 
@@ -65,11 +68,15 @@ def offset_past_end(data: bytes) -> tuple[bytes, str]:
     return patched, name
 
 
-def with_bomb(data: bytes, inflated: int, *, honest: bool) -> tuple[bytes, str]:
-    """The zip with its first member replaced by ``inflated`` zero bytes, deflated.
+BOMB_KINDS = ("declared", "small_lie", "plausible_lie")
 
-    ``honest``: the directory declares the inflated size (refused from the directory alone);
-    otherwise it declares the original member's size and the data lies.
+
+def with_bomb(data: bytes, inflated: int, kind: str = "declared") -> tuple[bytes, str]:
+    """The zip with its first member replaced by ``inflated`` zero bytes, deflated; its name.
+
+    ``declared``: the directory declares the inflated size (over any sane cap). ``small_lie``:
+    it declares the original PNG's size, far below the compressed size. ``plausible_lie``: it
+    declares twice the compressed size, so only inflating shows the lie.
     """
     with zipfile.ZipFile(io.BytesIO(data)) as source:
         infos = source.infolist()
@@ -86,14 +93,16 @@ def with_bomb(data: bytes, inflated: int, *, honest: bool) -> tuple[bytes, str]:
                 for _ in range(inflated >> 20):
                     member.write(zeros)
     result = out.getvalue()
-    if not honest:
-        # Declare the original PNG's size (and CRC) in the central directory.
+    if kind != "declared":
+        # Declare another size (and the original PNG's CRC) in the central directory.
         for position, name in _central_entries(result):
             if name == target:
+                compressed = struct.unpack_from("<I", result, position + 20)[0]
+                declared = len(contents[target]) if kind == "small_lie" else 2 * compressed
                 crc = zlib.crc32(contents[target])
                 head = struct.pack("<I", crc)
                 result = result[: position + 16] + head + result[position + 20 :]
-                size = struct.pack("<I", len(contents[target]))
+                size = struct.pack("<I", declared)
                 result = result[: position + 24] + size + result[position + 28 :]
     return result, target
 
@@ -121,6 +130,7 @@ def damaged_zips(data: bytes) -> dict[str, bytes]:
 
 
 def shard_argv(server_url: str, out: Path, *extra: str) -> list[str]:
+    """`oistream shard` arguments for the four street classes, reading from ``server_url``."""
     return [
         "shard",
         "--classes",
@@ -144,13 +154,15 @@ def shard_argv(server_url: str, out: Path, *extra: str) -> list[str]:
 
 @dataclass
 class ChildRun:
-    returncode: int
+    returncode: int | None  # None: killed at the time-out
     stderr: str
     peak_rss_bytes: int
+    seconds: float = 0.0
 
 
 def run_child(argv: list[str], address_space: int | None = None, timeout: float = 120) -> ChildRun:
-    """``python -m oistream ARGV`` in a child, optionally under RLIMIT_AS; its peak RSS."""
+    """The oistream command line with ``argv`` in a child, optionally under RLIMIT_AS; its exit
+    code, stderr (without the RSS line), peak RSS and wall seconds."""
     limit = ""
     if address_space is not None:
         limit = (
@@ -162,9 +174,15 @@ def run_child(argv: list[str], address_space: int | None = None, timeout: float 
         "sys.stderr.write('\\nPEAK_RSS_KB %d\\n' % "
         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=timeout
-    )
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else ""
+        return ChildRun(None, stderr, 0, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
     peak = 0
     lines = []
     for line in done.stderr.splitlines():
@@ -172,13 +190,30 @@ def run_child(argv: list[str], address_space: int | None = None, timeout: float 
             peak = int(line.split()[1]) * 1024
         elif line.strip():
             lines.append(line)
-    return ChildRun(done.returncode, "\n".join(lines), peak)
+    return ChildRun(done.returncode, "\n".join(lines), peak, seconds)
 
 
 def manifest(out: Path) -> dict | None:
+    """The run's manifest.json, None when it wrote none."""
     with contextlib.suppress(FileNotFoundError):
         return json.loads((out / "manifest.json").read_text())
     return None
+
+
+def segmentation_csv_path(split: str = SPLIT) -> str:
+    """The URL path of a split's segmentation CSV under a server rooted at a fake bucket."""
+    return f"/openimages/v5/{split}-annotations-object-segmentation.csv"
+
+
+def person_row(image_id: str, box_id: str, clicks: str) -> str:
+    """A well-formed Person row of the segmentation CSV with the given Clicks field."""
+    mask_path = f"{image_id}_m01g317_{box_id}.png"
+    return f"{mask_path},{image_id},/m/01g317,{box_id},0.1,0.5,0.2,0.6,0.9,{clicks}"
+
+
+def crafted_clicks(clicks: int) -> str:
+    """Digits that split many ways, ending in a stray character: a backtracking trigger."""
+    return ";".join(["11111111 11111111 1"] * clicks) + " x"
 
 
 def selected_images(bucket: Path, split: str = SPLIT) -> dict[str, str]:
