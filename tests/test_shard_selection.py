@@ -119,8 +119,10 @@ def test_dry_run_fetches_nothing_writes_nothing_and_counts_as_the_run(
     assert _gets(proxied, "/") == (0, 0)
     assert again.estimate == dry.estimate and again.planned == dry.planned
 
+    proxied.reset_stats()
     real = run_shard(_options(tmp_path, str(out)))
     totals = real.manifest["totals"]
+    member_gets = _get_log(proxied, "/openimages/v5/validation-masks/")  # directories cached
     assert dry.planned == {
         "shards": totals["shards"],
         "samples": totals["samples"],
@@ -134,7 +136,12 @@ def test_dry_run_fetches_nothing_writes_nothing_and_counts_as_the_run(
         for i in csv_rows(fake_bucket, "validation")
     )
     assert estimate.image_bytes == image_bytes
-    assert estimate.mask_bytes > 0 and estimate.mask_requests > 0
+    # The mask spans exactly as the shard jobs asked for them.
+    assert (estimate.mask_requests, estimate.mask_bytes) == (
+        len(member_gets),
+        sum(e[4] for e in member_gets),
+    )
+    assert estimate.mask_bytes > 0
 
 
 def test_dry_run_on_the_command_line_prints_counts(s3_env, tmp_path, capsys):

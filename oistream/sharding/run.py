@@ -383,20 +383,17 @@ def _estimate(item: _Prepared) -> None:
     if sizes:
         estimate.image_bytes = sum(sizes) / len(sizes) * len(todo_ids)
     if item.located is not None:
-        todo_set = set(todo_ids)
-        by_zip: dict[str, list] = {}
+        # As the shard jobs will ask: each sample's members coalesced on their own.
         for index in item.todo:
             for sample in plan.shard(index).samples:
-                if sample.image_id not in todo_set:
-                    continue
-                for instance in sample.instances:
-                    member = item.located.members.get(instance["mask_path"])
-                    if member is not None:
-                        by_zip.setdefault(instance["mask_path"][0], []).append(member)
-        for members in by_zip.values():
-            for start, end, _ in coalesce(members):
-                estimate.mask_requests += 1
-                estimate.mask_bytes += end - start
+                members = [
+                    item.located.members[x["mask_path"]]
+                    for x in sample.instances
+                    if x["mask_path"] in item.located.members
+                ]
+                for start, end, _ in coalesce(members):
+                    estimate.mask_requests += 1
+                    estimate.mask_bytes += end - start
     item.report.estimate = estimate
 
 
