@@ -75,6 +75,11 @@ def test_second_run_moves_no_metadata_body_bytes(proxied, fake_bucket, tmp_path)
     assert second.cached_bytes >= csv_size
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
     assert "came from the cache" in format_summary(second, "b")
+    # Another selection of the same split: still nothing but HEADs for its metadata.
+    proxied.reset_stats()
+    other = run_shard(dataclasses.replace(_options(tmp_path, str(tmp_path / "c")), classes=["Car"]))
+    assert [e for e in _get_log(proxied, "/openimages/") if not e[1].startswith(zips)] == []
+    assert other.catalog_bytes == other.directory_bytes == 0
 
 
 def test_an_entry_whose_etag_changed_is_refetched(s3_env, fake_bucket, tmp_path):
