@@ -23,8 +23,35 @@ EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help line (unless the line already says it); the epilog's
+    example kept as written, descriptions wrapped."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # `is`, not `in`: a default of 0 equals False and must still be shown.
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        if action.option_strings or action.nargs in ("?", "*"):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def _example(*commands: str) -> str:
+    return "example:\n" + "\n".join(f"  {command}" for command in commands)
 
 
 def _positive(text: str) -> int:
@@ -41,17 +68,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_metadata(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metadata",
+        default=sources.default_metadata(),
+        help="root holding v5/ mask zips and CSVs and v7/ class names "
+        f"(default: ${sources.METADATA_VARIABLE} or {sources.DEFAULT_METADATA}"
+        + ("; now %(default)s)" if os.environ.get(sources.METADATA_VARIABLE) else ")"),
+    )
+
+
 def _add_locations(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images",
-        default=sources.DEFAULT_IMAGES,
-        help="root holding {split}/{ImageID}.jpg (default: %(default)s)",
+        default=sources.default_images(),
+        help="root holding {split}/{ImageID}.jpg "
+        f"(default: ${sources.IMAGES_VARIABLE} or {sources.DEFAULT_IMAGES}"
+        + ("; now %(default)s)" if os.environ.get(sources.IMAGES_VARIABLE) else ")"),
     )
-    parser.add_argument(
-        "--metadata",
-        default=sources.DEFAULT_METADATA,
-        help="root holding v5/ mask zips and CSVs and v7/ class names (default: %(default)s)",
-    )
+    _add_metadata(parser)
     _add_endpoint(parser)
 
 
@@ -63,58 +98,115 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cache(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--cache",
+        "--zip-index-cache",  # its old name, from when it held only the zips' directories
+        metavar="DIR",
+        default=ShardOptions.cache,
+        help="metadata cache: class lists, CSVs, zip directories, each checked by one HEAD "
+        "(size, ETag) before use (default: %(default)s, else ~/.cache/oistream)",
+    )
+    group.add_argument(
+        "--no-cache", dest="cache", action="store_const", const=None, help="no metadata cache"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="oistream",
         description="Stream Open Images instance masks into WebDataset shards.",
+        epilog=_example(
+            "oistream classes traffic",
+            "oistream shard --classes Person Car --split validation --per-class 100 "
+            "--out shards/validation --dry-run",
+        ),
     )
     parser.add_argument("--version", action="version", version=f"oistream {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", parser_class=_Parser, metavar="COMMAND", title="commands"
+    )
 
-    classes = commands.add_parser("classes", help="list segmentable classes matching QUERY")
-    classes.add_argument("query", nargs="?", help="part of a class name or MID")
-    classes.add_argument("--metadata", default=sources.DEFAULT_METADATA)
+    classes = commands.add_parser(
+        "classes",
+        help="list segmentable classes matching QUERY",
+        description="List the segmentable classes (MID, name) whose name or MID contains QUERY.",
+        epilog=_example("oistream classes traffic --counts --split validation"),
+    )
+    classes.add_argument("query", nargs="?", help="part of a class name or MID (default: all)")
+    classes.add_argument(
+        "--counts", action="store_true", help="add images and instances per class (needs --split)"
+    )
+    classes.add_argument("--split", choices=sources.SPLITS, help="the split --counts reads")
+    _add_metadata(classes)
     _add_endpoint(classes)
+    _add_cache(classes)
 
     defaults = ShardOptions  # the dataclass's fields hold each default once
-    shard = commands.add_parser("shard", help="write WebDataset shards of a subset")
-    shard.add_argument("--classes", nargs="+", required=True, metavar="NAME|MID")
-    shard.add_argument("--split", required=True, choices=sources.SPLITS)
+    shard = commands.add_parser(
+        "shard",
+        help="write WebDataset shards of a subset",
+        description="Select images by class (and ImageID), fetch exactly their image objects "
+        "and mask members, and write WebDataset shards plus manifest.json.",
+        epilog=_example(
+            "oistream shard --classes Person Car --split validation --per-class 100 "
+            "--out shards/validation --dry-run",
+            "oistream shard --classes-file classes.txt --split train validation "
+            "--out s3://bucket/shards",
+        ),
+    )
+    chosen = shard.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--classes", nargs="+", metavar="NAME|MID", help="classes to select")
+    chosen.add_argument("--classes-file", metavar="FILE", help="one class name or MID per line")
+    shard.add_argument(
+        "--image-ids",
+        metavar="FILE|URL",
+        help="only these images (txt one per line, or CSV/JSON with an ImageID column/field), "
+        "still filtered by class",
+    )
+    shard.add_argument(
+        "--split",
+        required=True,
+        nargs="+",
+        choices=sources.SPLITS,
+        help="one split, or several: then --out is a parent of OUT/{split}",
+    )
     shard.add_argument("--out", required=True, help="shard folder or URL (s3://bucket/prefix)")
     shard.add_argument("--per-class", type=_positive, help="images per class (default: all)")
-    shard.add_argument("--max-images", type=_positive, help="cap on the images in total")
+    shard.add_argument("--max-images", type=_positive, help="cap on the images (default: none)")
     shard.add_argument(
         "--samples-per-shard",
         type=_positive,
         default=defaults.samples_per_shard,
-        help="images per tar (default: %(default)s)",
+        help="images per tar",
     )
     shard.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seed of the selection order (default: 0)"
+        "--seed", type=int, default=defaults.seed, help="seed of the selection order"
     )
     shard.add_argument(
         "--executor",
         choices=("local", "dask"),
         default=defaults.executor,
-        help="where shards are built (default: %(default)s)",
+        help="where shards are built",
     )
     shard.add_argument("--scheduler", help="Dask scheduler address, with --executor dask")
     shard.add_argument(
         "--concurrency",
         type=_positive,
         default=defaults.concurrency,
-        help="requests in flight per process (default: %(default)s)",
+        help="requests in flight per process",
     )
     shard.add_argument(
         "--processes",
         type=_positive,
         help=f"local worker processes (default: CPUs, at most {MAX_LOCAL_PROCESSES})",
     )
+    _add_cache(shard)
     shard.add_argument(
-        "--zip-index-cache",
-        metavar="DIR",
-        help="keep the mask zips' central directories here (keyed by size and ETag) so "
-        "later runs skip reading them",
+        "--dry-run",
+        action="store_true",
+        help="plan and print counts and expected bytes; fetch no image or mask, write nothing",
     )
     shard.add_argument(
         "--overwrite",
@@ -142,31 +234,59 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.attempt_timeout,
         help=f"deadline of one request attempt in seconds (default: {defaults.attempt_timeout:g})",
     )
-    shard.add_argument("--quiet", action="store_true", help="no progress bar")
+    shard.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_locations(shard)
 
-    inspect = commands.add_parser("inspect", help="summarise a shard set")
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarise a shard set",
+        epilog=_example("oistream inspect shards/validation"),
+    )
     inspect.add_argument("source", help="shard folder, URL or a single .tar")
     _add_endpoint(inspect)
 
-    show = commands.add_parser("show", help="draw an image with its masks and boxes")
+    show = commands.add_parser(
+        "show",
+        help="draw an image with its masks and boxes",
+        epilog=_example("oistream show shards/validation --out sample.png"),
+    )
     show.add_argument("source", help="shard folder, URL or a single .tar")
     show.add_argument("--key", help="ImageID to draw (default: the first sample)")
     show.add_argument("--out", required=True, help="PNG file to write")
     _add_endpoint(show)
 
+    export = commands.add_parser(
+        "export",
+        help="convert shards to another format (coco)",
+        epilog=_example("oistream export coco shards/validation --out coco/validation"),
+    )
+    formats = export.add_subparsers(dest="format", required=True, parser_class=_Parser)
+    coco = formats.add_parser(
+        "coco",
+        help="COCO instances JSON with RLE masks, plus the JPEGs",
+        description="Write DIR/annotations.json (COCO instances, RLE masks at each image's "
+        "size) and DIR/images/{ImageID}.jpg (byte for byte) from a shard set.",
+        epilog=_example("oistream export coco shards/validation --out coco/validation"),
+    )
+    coco.add_argument("source", help="shard folder or URL holding manifest.json")
+    coco.add_argument("--out", required=True, help="folder for annotations.json and images/")
+    coco.add_argument("--no-images", action="store_true", help="write annotations.json only")
+    _add_endpoint(coco)
+
     commands.add_parser(
         "train", help="train Mask R-CNN on shards (`oistream train --help`; extra [train])"
     )
-    fake = commands.add_parser("fake-bucket", help="write a synthetic bucket with the real layout")
-    fake.add_argument("dir")
-    fake.add_argument("--images", type=_positive, default=64, help="train images (default: 64)")
-    fake.add_argument("--seed", type=int, default=0)
+    fake = commands.add_parser(
+        "fake-bucket",
+        help="write a synthetic bucket with the real layout",
+        epilog=_example("oistream fake-bucket /tmp/bucket --images 64 --serve"),
+    )
+    fake.add_argument("dir", help="folder to write the two buckets into")
+    fake.add_argument("--images", type=_positive, default=64, help="train images")
+    fake.add_argument("--seed", type=int, default=0, help="seed of the scenes")
     fake.add_argument("--image-size", type=_positive, default=320, help="long side in pixels")
     fake.add_argument("--zip64", action="store_true", help="Zip64 end records in every zip")
-    fake.add_argument(
-        "--processes", type=_positive, default=1, help="processes rendering scenes (default: 1)"
-    )
+    fake.add_argument("--processes", type=_positive, default=1, help="processes rendering scenes")
     fake.add_argument("--serve", action="store_true", help="serve it on a local S3 endpoint")
     fake.add_argument("--port", type=int, default=5000, help="port for --serve")
     return parser
@@ -174,21 +294,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _classes(args: argparse.Namespace) -> None:
     from oistream.sharding import catalog
+    from oistream.sharding.cache import MetadataCache
+    from oistream.sharding.run import resolve_cache_dir
 
+    if args.counts and not args.split:
+        raise OistreamError("--counts needs --split S (the split whose CSV is counted)")
     options = sources.storage_options(args.metadata, args.endpoint_url)
-    found = catalog.search_classes(args.query, catalog.load_classes(args.metadata, options))
+    cache = MetadataCache(resolve_cache_dir(args.cache))
+    known = catalog.load_classes(args.metadata, options, cat=lambda url: cache.cat(url, options))
+    found = catalog.search_classes(args.query, known)
     if not found:
-        raise OistreamError(f"no segmentable class matches {args.query!r}")
+        close = catalog.closest_names(args.query, known)
+        hint = f"closest: {', '.join(close)}" if close else "run `oistream classes` for all"
+        raise OistreamError(f"no segmentable class matches {args.query!r}; {hint}")
+    if not args.counts:
+        for oi_class in found:
+            print(f"{oi_class.mid}\t{oi_class.name}")
+        return
+    from oistream.sharding.selection import count_classes
+
+    csv_url = sources.segmentation_csv_url(args.metadata, args.split)
+    counts = count_classes(
+        csv_url, [c.mid for c in found], options, opener=lambda: cache.open(csv_url, options)
+    )
+    print(f"MID\tname\t{args.split} images\tinstances")
     for oi_class in found:
-        print(f"{oi_class.mid}\t{oi_class.name}")
+        images, instances = counts[oi_class.mid]
+        print(f"{oi_class.mid}\t{oi_class.name}\t{images}\t{instances}")
 
 
 def _shard(args: argparse.Namespace) -> None:
-    from oistream.sharding.run import format_summary, run_shard
+    from oistream.sharding.run import format_summary, run_splits
+    from oistream.sharding.selection import read_class_file
 
+    classes = args.classes
+    if args.classes_file is not None:
+        file_options = sources.storage_options(args.classes_file, args.endpoint_url)
+        classes = read_class_file(args.classes_file, file_options)
     options = ShardOptions(
-        classes=args.classes,
-        split=args.split,
+        classes=classes,
+        split=args.split[0] if len(args.split) == 1 else args.split,
         out=args.out,
         images=args.images,
         metadata=args.metadata,
@@ -202,14 +347,28 @@ def _shard(args: argparse.Namespace) -> None:
         processes=args.processes,
         endpoint_url=args.endpoint_url,
         show_progress=not args.quiet,
-        zip_index_cache=args.zip_index_cache,
         overwrite=args.overwrite,
         max_member_bytes=args.max_mask_bytes,
         read_timeout=args.read_timeout,
         attempt_timeout=args.attempt_timeout,
+        cache=args.cache,
+        image_ids=args.image_ids,
+        dry_run=args.dry_run,
     )
-    report = run_shard(options)
-    print(format_summary(report, args.out))
+    reports = run_splits(options)
+    print("\n".join(format_summary(report, report.out) for report in reports))
+
+
+def _export(args: argparse.Namespace) -> None:
+    try:
+        from oistream.export import export_coco
+    except ModuleNotFoundError as error:
+        raise OistreamError(
+            f"oistream export needs {error.name}: pip install 'oistream[train]'"
+        ) from None
+
+    options = sources.storage_options(args.source, args.endpoint_url)
+    print(export_coco(args.source, args.out, images=not args.no_images, storage_options=options))
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -256,6 +415,7 @@ COMMANDS = {
     "shard": _shard,
     "inspect": _inspect,
     "show": _show,
+    "export": _export,
     "fake-bucket": _fake_bucket,
 }
 
@@ -293,7 +453,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TRAINER_COMMANDS:
         return _run_trainer_command(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:  # plain `oistream`: what it can do, not an error
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     try:
         COMMANDS[args.command](args)
     except OistreamError as error:

@@ -35,10 +35,16 @@ def format_manifest(manifest: dict[str, Any], source: str) -> str:
         "classes:",
     ]
     per_class = totals.get("instances_per_class", {})
+    images_per_class = totals.get("images_per_class")  # manifests before issue 14 lack it
     for oi_class in manifest["classes"][1:]:
         lines.append(
             f"  {oi_class['index']:>3}  {oi_class['mid']:<12} {oi_class['name']:<24} "
-            f"{per_class.get(oi_class['name'], 0)} instances"
+            + (
+                f"{images_per_class.get(oi_class['name'], 0)} images, "
+                if isinstance(images_per_class, dict)
+                else ""
+            )
+            + f"{per_class.get(oi_class['name'], 0)} instances"
         )
     lines.append("shards:")
     for shard in manifest["shards"][:SHARDS_LISTED]:

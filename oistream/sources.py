@@ -16,6 +16,9 @@ MASK_PREFIXES = "0123456789abcdef"
 
 DEFAULT_IMAGES = "s3://open-images-dataset"
 DEFAULT_METADATA = "https://storage.googleapis.com/openimages"
+# Environment variables that replace the two defaults, so a mirror is named once per shell.
+IMAGES_VARIABLE = "OISTREAM_IMAGES"
+METADATA_VARIABLE = "OISTREAM_METADATA"
 
 # botocore's pool defaults to 10 connections; the fetcher keeps hundreds of requests in flight.
 DEFAULT_POOL_CONNECTIONS = 512
@@ -27,6 +30,16 @@ _CREDENTIAL_VARIABLES = (
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
 )
+
+
+def default_images() -> str:
+    """The images root: ``$OISTREAM_IMAGES`` if set, else the public bucket."""
+    return os.environ.get(IMAGES_VARIABLE) or DEFAULT_IMAGES
+
+
+def default_metadata() -> str:
+    """The metadata root: ``$OISTREAM_METADATA`` if set, else Google's public copy."""
+    return os.environ.get(METADATA_VARIABLE) or DEFAULT_METADATA
 
 
 def image_url(images_root: str, split: str, image_id: str) -> str:

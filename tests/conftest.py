@@ -10,6 +10,9 @@
 - ``moto_endpoint``: the URL of a bare moto S3 server, for tests that make their own objects.
 - ``s3_env``: ``s3`` with its ``env()`` applied to ``os.environ`` for one test.
 
+``XDG_CACHE_HOME`` points at a session folder, so the metadata cache never touches ~/.cache;
+a test that counts what the cache saves passes its own ``--cache``/``cache=`` folder.
+
 The server runs in this process and keeps its buckets in moto's process-wide backends: do not
 use ``moto.mock_aws`` in the same session (starting it resets those backends, emptying ``s3``);
 use ``s3.make_bucket()`` for a bucket of your own.
@@ -62,6 +65,17 @@ def _offline_aws_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterat
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         # fsspec read FSSPEC_S3_* variables into its config when it was imported.
         mp.delitem(fsspec.config.conf, "s3", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The metadata cache (default ``$XDG_CACHE_HOME/oistream``) of every test lives in a
+    session folder, never in the real ~/.cache; the two root variables start unset."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        mp.delenv("OISTREAM_IMAGES", raising=False)
+        mp.delenv("OISTREAM_METADATA", raising=False)
         yield
 
 

@@ -345,7 +345,7 @@ def test_zip_index_cache_spares_a_rerun_the_directories(s3_env, tmp_path):
         "samples_per_shard": 3,
         "processes": 1,
         "show_progress": False,
-        "zip_index_cache": str(cache),
+        "cache": str(cache),
     }
     first = run_shard(ShardOptions(CLASSES, "validation", str(tmp_path / "a"), **common))
     assert list(cache.iterdir())

@@ -81,25 +81,27 @@ class OIClass:
     name: str  # "Person"
 
 
-def load_classes(metadata_root: str, options: dict | None = None) -> list[OIClass]:
+def load_classes(
+    metadata_root: str, options: dict | None = None, cat: Callable[[str], bytes] | None = None
+) -> list[OIClass]:
     """The segmentable classes, in the order of ``classes-segmentation.txt``, with display names.
 
     Names come from V7's ``oidv7-class-descriptions-boxable.csv`` (with header) or, when that file
-    does not exist, from V5's ``class-descriptions-boxable.csv`` (no header).
+    does not exist, from V5's ``class-descriptions-boxable.csv`` (no header). ``cat(url)`` reads
+    a whole file instead of fsspec's ``cat_file`` (the metadata cache passes its own).
     """
     segmentable_url = sources.segmentable_classes_url(metadata_root)
-    mids = list(
-        dict.fromkeys(line.strip() for line in _read_text(segmentable_url, options).splitlines())
-    )
+    text = _read_text(segmentable_url, options, cat=cat)
+    mids = list(dict.fromkeys(line.strip() for line in text.splitlines()))
     mids = [mid for mid in mids if mid]
 
     v7_url = sources.class_descriptions_url(metadata_root)
     v5_url = sources.v5_class_descriptions_url(metadata_root)
     try:
-        descriptions = _read_text(v7_url, options, missing_ok=True)
+        descriptions = _read_text(v7_url, options, missing_ok=True, cat=cat)
     except _Missing:
         try:
-            descriptions = _read_text(v5_url, options, missing_ok=True)
+            descriptions = _read_text(v5_url, options, missing_ok=True, cat=cat)
         except _Missing:
             raise OistreamError(
                 f"class descriptions not found: neither {v7_url} nor {v5_url}"
@@ -136,6 +138,7 @@ def resolve_classes(queries: Sequence[str], classes: list[OIClass]) -> list[OICl
         by_name.setdefault(c.name.casefold(), []).append(c)
 
     resolved: dict[str, OIClass] = {}
+    unknown: list[str] = []
     for query in queries:
         key = query.strip().casefold()
         if key in by_mid:
@@ -146,17 +149,26 @@ def resolve_classes(queries: Sequence[str], classes: list[OIClass]) -> list[OICl
             mids = ", ".join(c.mid for c in by_name[key])
             raise OistreamError(f"class name {query!r} is ambiguous ({mids}); give the MID")
         else:
-            raise OistreamError(_unknown_class_message(query, classes))
+            unknown.append(query)
+            continue
         resolved.setdefault(found.mid, found)
+    if unknown:  # every one of them at once, not one per attempt
+        raise OistreamError("; ".join(unknown_class_message(q, classes) for q in unknown))
     return list(resolved.values())
 
 
-def _unknown_class_message(query: str, classes: list[OIClass]) -> str:
+def closest_names(query: str, classes: list[OIClass], n: int = 5) -> list[str]:
+    """Display names closest to ``query`` (difflib), best first; used by `shard` and `classes`."""
     names = {c.name.casefold(): c.name for c in classes}
-    close = difflib.get_close_matches(query.strip().casefold(), list(names), n=5, cutoff=0.5)
+    close = difflib.get_close_matches(query.strip().casefold(), list(names), n=n, cutoff=0.5)
+    return [names[c] for c in close]
+
+
+def unknown_class_message(query: str, classes: list[OIClass]) -> str:
+    close = closest_names(query, classes)
     if not close:
         return f"unknown class {query!r}; list the classes with `oistream classes [QUERY]`"
-    return f"unknown class {query!r}; closest: {', '.join(names[c] for c in close)}"
+    return f"unknown class {query!r}; closest: {', '.join(close)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,14 +191,17 @@ def read_segmentations(
     mids: Iterable[str],
     options: dict | None = None,
     chunksize: int = 250_000,
+    opener: Callable[[], Any] | None = None,
 ) -> SegmentationTable:
     """Stream a segmentation CSV and keep the valid rows whose LabelName is one of ``mids``.
 
     Lines with other than 10 fields are counted as malformed wherever they are (their class
     cannot be trusted); content is validated only on the rows of the selected classes.
     ``chunksize`` bounds the work per step: the file is read ``chunksize * 32`` bytes at a time.
+    ``opener()`` opens the file instead of fsspec (the metadata cache passes its own).
     """
-    blocks = _read_line_blocks(csv_url, options, max(1, chunksize) * _BLOCK_BYTES_PER_ROW)
+    block_bytes = max(1, chunksize) * _BLOCK_BYTES_PER_ROW
+    blocks = _read_line_blocks(csv_url, options, block_bytes, opener)
     with contextlib.closing(blocks):
         return _filter_rows(csv_url, blocks, frozenset(mids))
 
@@ -515,11 +530,20 @@ def iter_image_instances(
 # Reading through fsspec
 
 
-def _read_text(url: str, options: dict | None, *, missing_ok: bool = False) -> str:
+def _read_text(
+    url: str,
+    options: dict | None,
+    *,
+    missing_ok: bool = False,
+    cat: Callable[[str], bytes] | None = None,
+) -> str:
     """A small text file, whole. With ``missing_ok``, "not there" propagates as _Missing."""
     try:
-        fs, path = sources.filesystem(url, options)
-        data = fs.cat_file(path)
+        if cat is not None:
+            data = cat(url)
+        else:
+            fs, path = sources.filesystem(url, options)
+            data = fs.cat_file(path)
     except (FileNotFoundError, PermissionError) as error:
         # Anonymous S3 answers 403, not 404, for a key that does not exist.
         if missing_ok:
@@ -536,7 +560,7 @@ class _Missing(Exception):
 
 
 def _read_line_blocks(
-    url: str, options: dict | None, block_bytes: int
+    url: str, options: dict | None, block_bytes: int, opener: Callable[[], Any] | None = None
 ) -> Iterator[bytes | memoryview]:
     """The first line, then blocks of complete newline-terminated lines, streamed from ``url``.
 
@@ -549,8 +573,11 @@ def _read_line_blocks(
         return OistreamError(f"cannot read {url}: {one_line(error)}")
 
     try:
-        fs, path = sources.filesystem(url, options)
-        file = fs.open(path, "rb")
+        if opener is not None:
+            file = opener()
+        else:
+            fs, path = sources.filesystem(url, options)
+            file = fs.open(path, "rb")
     except Exception as error:
         raise fail(error) from error
     with file:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,17 +50,29 @@ def locate_members(
     concurrency: int = 64,
     cache_dir: str | None = None,
     retry: RetryPolicy | None = None,
+    *,
+    cache: CentralDirectoryCache | None = None,
+    on_directory: Callable[[int], None] | None = None,
 ) -> MemberLocations:
-    """``cache_dir`` keeps each directory on disk, keyed by the zip's size and ETag: a rerun
-    then costs one HEAD per zip instead of its whole directory."""
+    """``cache`` (or a folder, ``cache_dir``) keeps each directory on disk, keyed by the zip's
+    size and ETag: a rerun then costs one HEAD per zip instead of its whole directory.
+    ``on_directory(total)`` is called as each zip's directory is done (a progress bar)."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for mask_path in plan.mask_paths():
         # MaskPath starts with the ImageID, whose first hex digit names the zip.
         wanted[mask_path[0]].add(mask_path)
-    cache = CentralDirectoryCache(cache_dir) if cache_dir else None
+    if cache is None and cache_dir:
+        cache = CentralDirectoryCache(cache_dir)
     return asyncio.run(
         _locate(
-            plan.split, wanted, metadata_root, options, concurrency, cache, retry or RetryPolicy()
+            plan.split,
+            wanted,
+            metadata_root,
+            options,
+            concurrency,
+            cache,
+            retry or RetryPolicy(),
+            on_directory,
         )
     )
 
@@ -72,6 +85,7 @@ async def _locate(
     concurrency: int,
     cache: CentralDirectoryCache | None,
     retry: RetryPolicy,
+    on_directory: Callable[[int], None] | None = None,
 ) -> MemberLocations:
     fs = await sources.open_async_filesystem(metadata_root, options)
     fetcher = Fetcher(concurrency=concurrency, retry=retry)
@@ -112,8 +126,15 @@ async def _locate(
             result.members.update(directory)
             result.zip_objects[prefix] = (size, etag)
 
+    async def read_and_count(prefix: str, names: set[str]) -> None:
+        try:
+            await read_one(prefix, names)
+        finally:
+            if on_directory is not None:
+                on_directory(len(wanted))
+
     try:
-        await asyncio.gather(*(read_one(p, n) for p, n in sorted(wanted.items())))
+        await asyncio.gather(*(read_and_count(p, n) for p, n in sorted(wanted.items())))
     finally:
         await sources.close_async_filesystem(fs)
     result.requests = fetcher.stats.requests

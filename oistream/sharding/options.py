@@ -30,6 +30,8 @@ DEFAULT_READ_TIMEOUT = 15.0
 # Deadline of one request attempt in seconds (``--attempt-timeout``): a request's largest body,
 # an 8 MB span, needs that long only below 140 kB/s.
 DEFAULT_ATTEMPT_TIMEOUT = 60.0
+# Written as the user reads it in --help; resolved when a run starts (cache.default_cache_dir).
+DEFAULT_CACHE = "$XDG_CACHE_HOME/oistream"
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,14 @@ class ShardOptions:
     """Everything `oistream shard` takes; each default is written here once (the CLI reads them).
 
     ``classes`` are names or MIDs as the user typed them; ``out`` and the two roots are fsspec
-    URLs or local paths.
+    URLs or local paths. ``cache`` is the metadata cache folder (``DEFAULT_CACHE`` stands for
+    ``$XDG_CACHE_HOME/oistream``, else ``~/.cache/oistream``; None turns the cache off).
+    ``image_ids`` is a file or URL of ImageIDs (txt, CSV or JSON) the selection is limited to.
+    ``dry_run`` plans and estimates, fetches no image or mask and writes nothing to ``out``.
     """
 
     classes: Sequence[str]
-    split: str
+    split: str | Sequence[str]  # several: ``out`` is their parent (``run_splits``)
     out: str
     images: str = sources.DEFAULT_IMAGES
     metadata: str = sources.DEFAULT_METADATA
@@ -55,9 +60,11 @@ class ShardOptions:
     processes: int | None = None  # local worker processes; None = min(CPUs, MAX_LOCAL_PROCESSES)
     endpoint_url: str | None = None
     show_progress: bool = True
-    zip_index_cache: str | None = None
     # Write into an ``out`` holding files oistream did not write, or another plan's shards.
     overwrite: bool = False
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     read_timeout: float = DEFAULT_READ_TIMEOUT
     attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
+    cache: str | None = DEFAULT_CACHE
+    image_ids: str | None = None
+    dry_run: bool = False

@@ -100,6 +100,12 @@ class Plan:
         counts = kept["LabelName"].value_counts()
         return {c.mid: int(counts.get(c.mid, 0)) for c in self.classes}
 
+    def images_per_class(self, excluding: set[str]) -> dict[str, int]:
+        """Images carrying each selected class (by MID) among the samples not left out."""
+        kept = self._rows[~self._rows["ImageID"].isin(excluding)]
+        counts = kept.drop_duplicates(["ImageID", "LabelName"])["LabelName"].value_counts()
+        return {c.mid: int(counts.get(c.mid, 0)) for c in self.classes}
+
     def manifest_classes(self) -> list[dict[str, Any]]:
         """Index 0 is background; selected classes are 1..K in the order the user gave them."""
         return [{"index": 0, "mid": None, "name": "background"}] + [
@@ -159,6 +165,7 @@ def make_plan(
     max_images: int | None = None,
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     seed: int = 0,
+    extra_parameters: dict[str, Any] | None = None,
 ) -> Plan:
     """The deterministic selection (DESIGN section 4), cut into shards of ``samples_per_shard``.
 
@@ -166,6 +173,8 @@ def make_plan(
     ``per_class`` taken; the union ordered by the same hash, capped at ``max_images``. Each
     sample holds every instance of every selected class in its image. Same arguments, same plan
     (and the same ``plan_hash``).
+    ``extra_parameters`` (e.g. the ImageID list a selection was limited to) join the
+    recorded selection parameters, and so the plan hash; without them both are as before.
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
@@ -175,6 +184,7 @@ def make_plan(
         "max_images": max_images,
         "samples_per_shard": samples_per_shard,
         "seed": seed,
+        **(extra_parameters or {}),
     }
     shard_ids = [
         image_ids[start : start + samples_per_shard]

@@ -1,12 +1,20 @@
 """`oistream shard`: catalog -> plan -> locate masks -> build shards -> manifest.
 
 The planning side reads the class lists, streams the segmentation CSV, plans, and reads each
-needed zip's central directory once; the executor builds the shards; this module then writes
-``manifest.json``. Rerunning the same command skips shards already complete.
+needed zip's central directory once, all through the metadata cache (``cache.py``); the executor
+builds the shards; this module then writes ``manifest.json``. Rerunning the same command skips
+shards already complete.
+
+Order matters for the output folder: every check that can fail before fetching (options,
+classes, the CSV, the plan, a previous plan in the folder, the images root, the zips'
+directories) runs first, for every split, and only then is a folder claimed. A rejected command
+leaves ``--out`` as it was, and a dry run never touches it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -19,14 +27,32 @@ from tqdm import tqdm
 import oistream
 from oistream import sources
 from oistream.errors import OistreamError, one_line
-from oistream.format import FORMAT_VERSION, MANIFEST_NAME, progress_name
+from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
 from oistream.sharding import catalog, executors
+from oistream.sharding.cache import MetadataCache, default_cache_dir
 from oistream.sharding.fetch import RetryPolicy
-from oistream.sharding.locate import locate_members
-from oistream.sharding.options import MAX_LOCAL_PROCESSES, ShardOptions
+from oistream.sharding.locate import MemberLocations, locate_members
+from oistream.sharding.options import DEFAULT_CACHE, MAX_LOCAL_PROCESSES, ShardOptions
 from oistream.sharding.plan import Plan, make_plan
+from oistream.sharding.remotezip import coalesce
+from oistream.sharding.selection import read_image_ids
 from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask
 from oistream.sharding.writer import Lease, OutputLocation, claim_output
+
+# A dry run estimates the images' bytes from this many HEADs (planned images, in hash order).
+IMAGES_SAMPLED = 8
+
+
+@dataclass
+class Estimate:
+    """What a dry run expects a real run to move, from the plan and the zips' directories."""
+
+    image_requests: int = 0
+    image_bytes: float = 0.0  # images planned x mean size of the sampled ones
+    images_sampled: int = 0
+    mask_requests: int = 0
+    mask_bytes: int = 0  # exact: the spans the fetcher will ask for
+    shards_complete: int = 0
 
 
 @dataclass
@@ -36,7 +62,7 @@ class RunReport:
     manifest: dict[str, Any]
     shards_built: int = 0
     shards_skipped: int = 0
-    bytes_requested: int = 0
+    bytes_requested: int = 0  # everything fetched: CSV, class lists, directories, images, masks
     payload_bytes: int = 0
     requests: int = 0
     retries: int = 0
@@ -45,45 +71,202 @@ class RunReport:
     directory_bytes: int = 0
     malformed_rows: int = 0
     errors: list[str] = field(default_factory=list)
+    split: str = ""
+    out: str = ""
+    catalog_bytes: int = 0  # CSV and class list bodies fetched (not from the cache)
+    cached_bytes: int = 0  # metadata read from the cache instead of the network
+    warnings: list[str] = field(default_factory=list)
+    estimate: Estimate | None = None  # set by a dry run, which builds no manifest
+    planned: dict[str, Any] = field(default_factory=dict)  # counts of the plan (dry run)
+
+
+@dataclass
+class _Prepared:
+    """One split, planned and checked, not yet claimed or fetched."""
+
+    options: ShardOptions
+    plan: Plan
+    table: catalog.SegmentationTable
+    location: OutputLocation
+    report: RunReport
+    results: dict[str, dict[str, Any]]
+    todo: list[int]
+    located: MemberLocations | None
+    images_options: dict[str, Any]
+    metadata_options: dict[str, Any]
+    out_options: dict[str, Any]
 
 
 def run_shard(options: ShardOptions) -> RunReport:
     """Shard one split of a selection into ``options.out`` and write its ``manifest.json``.
 
-    Plans deterministically, claims the output folder for this plan (refusing foreign files,
-    another plan's shards and a live run's lease unless ``overwrite``), skips shards already
-    complete and verified, reads each needed mask zip's central directory once, builds the
+    Plans deterministically and checks everything that can fail before fetching; then claims
+    the output folder for this plan (refusing foreign files, another plan's shards and a live
+    run's lease unless ``overwrite``), skips shards already complete and verified, builds the
     remaining shards on the chosen executor and writes the manifest last. Raises
     ``OistreamError`` (one line) for anything the user can fix or a rerun can finish; the
-    output's lease is released however the run ends.
+    output's lease is released however the run ends. With ``dry_run`` it stops after the checks
+    and returns the plan's counts and an ``Estimate``.
     """
+    if not isinstance(options.split, str):
+        raise TypeError("run_shard takes one split; use run_splits for several")
+    return run_splits(options)[0]
+
+
+def split_list(split: str | Iterable[str]) -> list[str]:
+    return [split] if isinstance(split, str) else list(split)
+
+
+def run_splits(options: ShardOptions) -> list[RunReport]:
+    """``options.split`` may name several splits: each goes to ``OUT/{split}`` (one plan,
+    manifest and progress record each), the class lists read once; one split goes to ``OUT``
+    itself, as with ``run_shard``. Every split is planned and checked before any is claimed."""
+    splits = split_list(options.split)
+    if not splits:
+        raise OistreamError("no split given")
+    for split in splits:
+        if split not in sources.SPLITS:
+            raise OistreamError(
+                f"unknown split {split!r}; choose one of {', '.join(sources.SPLITS)}"
+            )
+    if len(set(splits)) != len(splits):
+        raise OistreamError(f"a split is named twice in {' '.join(splits)}")
+    _check_executor(options)
+    started = time.perf_counter()
+    cache = MetadataCache(_usable_cache_dir(options.cache))
+    metadata_options = sources.storage_options(options.metadata, options.endpoint_url)
+    known = catalog.load_classes(
+        options.metadata, metadata_options, cat=lambda url: cache.cat(url, metadata_options)
+    )
+    selected = catalog.resolve_classes(list(options.classes), known)
+    class_stats = dataclasses.replace(cache.stats)
+
+    prepared = []
+    for split in splits:
+        out = options.out if len(splits) == 1 else sources.join(options.out, split)
+        one = dataclasses.replace(options, split=split, out=out)
+        prepared.append(_prepare(one, selected, cache))
+    # The class lists were read once for all splits: the first split's report counts them.
+    prepared[0].report.catalog_bytes += class_stats.fetched_bytes
+    prepared[0].report.cached_bytes += class_stats.cached_bytes
+    prepared[0].report.bytes_requested += class_stats.fetched_bytes
+    prepared[0].report.requests += class_stats.heads
+
+    if options.dry_run:
+        for item in prepared:
+            _estimate(item)
+            item.report.seconds = time.perf_counter() - started
+        return [item.report for item in prepared]
     leases: list[Lease] = []
     try:
-        return _run_shard(options, leases)
+        for item in prepared:
+            _execute(item, leases)
+            item.report.seconds = time.perf_counter() - started
     finally:
         for lease in leases:
             lease.release()
+    return [item.report for item in prepared]
 
 
-def _run_shard(options: ShardOptions, leases: list[Lease]) -> RunReport:
-    o = options
-    classes, split, out = list(o.classes), o.split, o.out
-    images, metadata, endpoint_url = o.images, o.metadata, o.endpoint_url
-    if split not in sources.SPLITS:
-        raise OistreamError(f"unknown split {split!r}; choose one of {', '.join(sources.SPLITS)}")
-    if o.zip_index_cache:
-        _check_cache_writable(o.zip_index_cache)
-    retry = RetryPolicy(timeout=o.attempt_timeout, read_timeout=o.read_timeout)
-    started = time.perf_counter()
-    images_options = sources.storage_options(images, endpoint_url)
-    metadata_options = sources.storage_options(metadata, endpoint_url)
-    out_options = sources.storage_options(out, endpoint_url)
+def resolve_cache_dir(cache: str | None) -> str | None:
+    """The cache folder a run uses: ``DEFAULT_CACHE`` means ``$XDG_CACHE_HOME/oistream``."""
+    if cache is None:
+        return None
+    return default_cache_dir() if cache == DEFAULT_CACHE else os.path.expanduser(cache)
 
-    known = catalog.load_classes(metadata, metadata_options)
-    selected = catalog.resolve_classes(classes, known)
-    table = catalog.read_segmentations(
-        sources.segmentation_csv_url(metadata, split), [c.mid for c in selected], metadata_options
-    )
+
+def _usable_cache_dir(cache: str | None) -> str | None:
+    """The cache folder, checked: a folder the user named must be writable (one line if not);
+    an unwritable default one only costs speed (a warning, then no cache)."""
+    directory = resolve_cache_dir(cache)
+    if directory is None:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".probe.{os.getpid()}.tmp")
+        with open(probe, "wb") as f:
+            f.write(b"oistream")
+        os.remove(probe)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        if cache != DEFAULT_CACHE:
+            raise OistreamError(
+                f"--cache (--zip-index-cache) {directory} is not a writable folder: {reason}"
+            ) from None
+        print(
+            f"oistream shard: warning: the metadata cache {directory} is not writable "
+            f"({reason}); running without it",
+            file=sys.stderr,
+        )
+        return None
+    return directory
+
+
+def _check_executor(options: ShardOptions) -> None:
+    if options.executor not in ("local", "dask"):
+        raise OistreamError(f"unknown executor {options.executor!r}; choose local or dask")
+    if options.executor == "dask" and not options.scheduler:
+        raise OistreamError("--executor dask needs --scheduler ADDRESS (e.g. tcp://host:8786)")
+
+
+class _Bar:
+    """A tqdm bar made on first use, so a step with nothing to show prints nothing."""
+
+    def __init__(self, show: bool, **kwargs: Any) -> None:
+        self.show = show
+        self.kwargs = kwargs
+        self.bar: tqdm | None = None
+
+    def update(self, n: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total or None,
+                disable=not self.show,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                **self.kwargs,
+            )
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _warn(report: RunReport, message: str) -> None:
+    report.warnings.append(message)
+    print(f"oistream shard: warning: {message}", file=sys.stderr)
+
+
+def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCache) -> _Prepared:
+    """Plan one split and run every check that can fail before fetching; write nothing."""
+    split, out = o.split, o.out
+    images_options = sources.storage_options(o.images, o.endpoint_url)
+    metadata_options = sources.storage_options(o.metadata, o.endpoint_url)
+    out_options = sources.storage_options(out, o.endpoint_url)
+    before = dataclasses.replace(cache.stats)
+
+    wanted_ids = None
+    if o.image_ids is not None:
+        wanted_ids = read_image_ids(
+            o.image_ids, sources.storage_options(o.image_ids, o.endpoint_url), split
+        )
+    csv_url = sources.segmentation_csv_url(o.metadata, split)
+    bar = _Bar(o.show_progress, desc=f"read {split} CSV", unit="B", unit_scale=True)
+    try:
+        table = catalog.read_segmentations(
+            csv_url,
+            [c.mid for c in selected],
+            metadata_options,
+            opener=lambda: cache.open(csv_url, metadata_options, progress=bar.update),
+        )
+    finally:
+        bar.close()
+    extra = None
+    if wanted_ids is not None:
+        rows = table.rows
+        table = dataclasses.replace(table, rows=rows[rows["ImageID"].isin(wanted_ids)])
+        extra = {"image_ids": {"count": len(wanted_ids), "sha256": _ids_digest(wanted_ids)}}
     plan = make_plan(
         table,
         selected,
@@ -92,35 +275,139 @@ def _run_shard(options: ShardOptions, leases: list[Lease]) -> RunReport:
         max_images=o.max_images,
         samples_per_shard=o.samples_per_shard,
         seed=o.seed,
+        extra_parameters=extra,
     )
     if not plan.shard_ids:
         raise OistreamError(
-            f"no {split} images carry {', '.join(c.name for c in selected)}: nothing to shard"
+            f"no {split} images carry {', '.join(c.name for c in selected)}"
+            + (f" among the IDs of {o.image_ids}" if o.image_ids else "")
+            + ": nothing to shard"
         )
+    report = RunReport(manifest={}, malformed_rows=table.malformed, split=split, out=out)
+    for oi_class, count in zip(selected, plan.images_per_class(set()).values(), strict=True):
+        if count == 0:
+            _warn(report, f"no {split} images carry {oi_class.name} ({oi_class.mid})")
 
     location = OutputLocation(out, out_options)
-    leases.append(_claim_output(location, plan, o.overwrite))
-    report = RunReport(manifest={}, malformed_rows=table.malformed)
+    replacing = _previous_plan_differs(location, plan, o.overwrite)
     results: dict[str, dict[str, Any]] = {}
     todo = []
     for index, name in enumerate(plan.shard_names):
-        done = _trusted_progress(location, name)
+        done = None if replacing else _trusted_progress(location, name)
         if done is not None:
             results[name] = done
             report.shards_skipped += 1
         else:
             todo.append(index)
 
+    located = None
     if todo:
-        _check_images_reachable(plan, images, images_options)
-        images_read, images_read_options = sources.reading_location(images, images_options)
-        metadata_read, metadata_read_options = sources.reading_location(metadata, metadata_options)
-        located = locate_members(
-            plan, metadata_read, metadata_read_options, cache_dir=o.zip_index_cache, retry=retry
+        _check_images_reachable(plan, o.images, images_options)
+        metadata_read, metadata_read_options = sources.reading_location(
+            o.metadata, metadata_options
         )
+        bar = _Bar(o.show_progress, desc=f"{split} zip directories", unit="zip")
+        try:
+            located = locate_members(
+                plan,
+                metadata_read,
+                metadata_read_options,
+                retry=_retry_policy(o),
+                cache=cache.zip_directories,
+                on_directory=lambda total: bar.update(1, total),
+            )
+        finally:
+            bar.close()
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
         report.requests += located.requests
+    after = cache.stats
+    report.catalog_bytes += after.fetched_bytes - before.fetched_bytes
+    report.bytes_requested += after.fetched_bytes - before.fetched_bytes
+    report.cached_bytes += after.cached_bytes - before.cached_bytes
+    report.requests += after.heads - before.heads
+    report.planned = _plan_counts(plan)
+    return _Prepared(
+        o,
+        plan,
+        table,
+        location,
+        report,
+        results,
+        todo,
+        located,
+        images_options,
+        metadata_options,
+        out_options,
+    )
+
+
+def _retry_policy(o: ShardOptions) -> RetryPolicy:
+    return RetryPolicy(timeout=o.attempt_timeout, read_timeout=o.read_timeout)
+
+
+def _ids_digest(ids: set[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def _plan_counts(plan: Plan) -> dict[str, Any]:
+    names = {c.mid: c.name for c in plan.classes}
+    return {
+        "shards": len(plan.shard_ids),
+        "samples": plan.num_samples,
+        "images_per_class": {names[m]: n for m, n in plan.images_per_class(set()).items()},
+        "instances_per_class": {names[m]: n for m, n in plan.instances_per_class(set()).items()},
+    }
+
+
+def _estimate(item: _Prepared) -> None:
+    """A dry run's expectations: exact mask spans from the directories, images from HEADs."""
+    plan, estimate = item.plan, Estimate()
+    estimate.shards_complete = item.report.shards_skipped
+    todo_ids = [image_id for index in item.todo for image_id in plan.shard_ids[index]]
+    estimate.image_requests = len(todo_ids)
+    fs, _ = sources.filesystem(item.options.images, item.images_options)
+    sizes = []
+    for image_id in todo_ids[:IMAGES_SAMPLED]:
+        try:
+            url = sources.image_url(item.options.images, plan.split, image_id)
+            sizes.append(int(fs.info(url)["size"]))
+        except FileNotFoundError:
+            continue
+        except Exception as error:
+            raise OistreamError(
+                f"cannot reach images at {item.options.images}: {one_line(error)}"
+            ) from None
+    estimate.images_sampled = len(sizes)
+    item.report.requests += len(todo_ids[:IMAGES_SAMPLED])
+    if sizes:
+        estimate.image_bytes = sum(sizes) / len(sizes) * len(todo_ids)
+    if item.located is not None:
+        # As the shard jobs will ask: each sample's members coalesced on their own.
+        for index in item.todo:
+            for sample in plan.shard(index).samples:
+                members = [
+                    item.located.members[x["mask_path"]]
+                    for x in sample.instances
+                    if x["mask_path"] in item.located.members
+                ]
+                for start, end, _ in coalesce(members):
+                    estimate.mask_requests += 1
+                    estimate.mask_bytes += end - start
+    item.report.estimate = estimate
+
+
+def _execute(item: _Prepared, leases: list[Lease]) -> None:
+    """Claim the folder, build the shards still to do, write the manifest."""
+    o, plan, report, results = item.options, item.plan, item.report, item.results
+    leases.append(_claim_output(item.location, plan, o.overwrite))
+    if item.todo:
+        assert item.located is not None
+        located = item.located
+        images_read, images_read_options = sources.reading_location(o.images, item.images_options)
+        metadata_read, metadata_read_options = sources.reading_location(
+            o.metadata, item.metadata_options
+        )
 
         def task(index: int) -> ShardTask:
             spec = plan.shard(index)
@@ -131,16 +418,16 @@ def _run_shard(options: ShardOptions, leases: list[Lease]) -> RunReport:
             )
 
         # Made one by one as workers free up: a shard's records exist only while it is built.
-        tasks = (task(index) for index in todo)
-        total_samples = sum(len(plan.shard_ids[index]) for index in todo)
+        tasks = (task(index) for index in item.todo)
+        total_samples = sum(len(plan.shard_ids[index]) for index in item.todo)
         context = JobContext(
-            split=split,
+            split=plan.split,
             images_root=images_read,
             metadata_root=metadata_read,
-            out_url=out,
+            out_url=o.out,
             images_options=images_read_options,
             metadata_options=metadata_read_options,
-            out_options=out_options,
+            out_options=item.out_options,
             concurrency=o.concurrency,
             max_member_bytes=o.max_member_bytes,
             read_timeout=o.read_timeout,
@@ -148,7 +435,7 @@ def _run_shard(options: ShardOptions, leases: list[Lease]) -> RunReport:
         )
         _run_tasks(
             tasks,
-            len(todo),
+            len(item.todo),
             total_samples,
             context,
             o.executor,
@@ -158,16 +445,38 @@ def _run_shard(options: ShardOptions, leases: list[Lease]) -> RunReport:
             results,
             report,
         )
-
-    report.seconds = time.perf_counter() - started
     if report.errors:
         raise OistreamError(
             f"{len(report.errors)} shard(s) failed ({report.errors[0]}); "
             "rerun the same command to finish them"
         )
-    report.manifest = build_manifest(plan, results, images, metadata, table)
-    location.write_json(MANIFEST_NAME, report.manifest)
-    return report
+    report.manifest = build_manifest(plan, results, o.images, o.metadata, item.table)
+    item.location.write_json(MANIFEST_NAME, report.manifest)
+
+
+def _previous_plan_differs(location: OutputLocation, plan: Plan, overwrite: bool) -> bool:
+    """Read-only, before anything is fetched: refuse (one line) what claiming would refuse, so
+    a doomed run stops before it reads the directories; True when ``overwrite`` replaces
+    another plan's shards (their progress records must then not be trusted)."""
+    names = location.listing()
+    foreign = location.foreign_files(names)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise OistreamError(
+            f"{location.url} holds files oistream did not write ({shown}); choose an empty "
+            "--out, or pass --overwrite to write there anyway"
+        )
+    previous = location.read_json(PLAN_RECORD) if PLAN_RECORD in names else None
+    differs = isinstance(previous, dict) and previous.get("plan_hash") != plan.plan_hash
+    if differs and not overwrite:
+        raise OistreamError(
+            f"{location.url} holds shards of another selection "
+            f"(plan {str(previous.get('plan_hash', '?'))[:12]}); choose another --out, "
+            "or pass --overwrite to replace them"
+        )
+    return differs
 
 
 def _claim_output(location: OutputLocation, plan: Plan, overwrite: bool = False) -> Lease:
@@ -183,21 +492,6 @@ def _claim_output(location: OutputLocation, plan: Plan, overwrite: bool = False)
         },
         overwrite,
     )
-
-
-def _check_cache_writable(directory: str) -> None:
-    """A zip index cache that cannot be written would make every zip look unreadable."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".probe.{os.getpid()}.tmp")
-        with open(probe, "wb") as f:
-            f.write(b"oistream")
-        os.remove(probe)
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise OistreamError(
-            f"--zip-index-cache {directory} is not a writable folder: {reason}"
-        ) from None
 
 
 def _trusted_progress(location: OutputLocation, name: str) -> dict[str, Any] | None:
@@ -334,7 +628,9 @@ def build_manifest(
         result = results[name]
         shards.append(result["stats"])
         failures.extend(result["failures"])
-    per_class = plan.instances_per_class(excluding={f["image_id"] for f in failures})
+    left_out = {f["image_id"] for f in failures}
+    per_class = plan.instances_per_class(excluding=left_out)
+    images_per_class = plan.images_per_class(excluding=left_out)
     names = {c.mid: c.name for c in plan.classes}
     return {
         "format_version": FORMAT_VERSION,
@@ -355,6 +651,7 @@ def build_manifest(
             "samples": sum(s["samples"] for s in shards),
             "instances": sum(s["instances"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
+            "images_per_class": {names[mid]: images_per_class[mid] for mid in names},
             "instances_per_class": {names[mid]: per_class[mid] for mid in names},
             "failures": len(failures),
         },
@@ -362,17 +659,40 @@ def build_manifest(
     }
 
 
+def _mb(nbytes: float) -> str:
+    """Bytes in the unit that keeps small metadata visible: kB below a megabyte, then MB, GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 1e3:.1f} kB"
+
+
+def _per_class_line(images: dict[str, int], instances: dict[str, int]) -> str:
+    return "images (instances) per class: " + ", ".join(
+        f"{name} {images.get(name, 0)} ({count})" for name, count in instances.items()
+    )
+
+
+def _moved_line(report: RunReport) -> str:
+    return (
+        f"moved {_mb(report.bytes_requested)} in {report.requests} requests "
+        f"(CSV and class lists {_mb(report.catalog_bytes)}, zip directories "
+        f"{_mb(report.directory_bytes)}, {report.retries} retries) in {report.seconds:.1f} s; "
+        f"{_mb(report.cached_bytes)} of metadata came from the cache"
+    )
+
+
 def format_summary(report: RunReport, out: str) -> str:
+    """The lines `oistream shard` prints at the end of a run (or of a dry run)."""
+    if report.estimate is not None:
+        return format_dry_run(report, out)
     totals = report.manifest["totals"]
     lines = [
         f"wrote {totals['shards']} shard(s) to {out}: {totals['samples']} images, "
-        f"{totals['instances']} instances, {totals['bytes'] / 1e6:.1f} MB"
+        f"{totals['instances']} instances, {_mb(totals['bytes'])}"
         + (f" ({report.shards_skipped} already complete)" if report.shards_skipped else ""),
-        "instances per class: "
-        + ", ".join(f"{name} {count}" for name, count in totals["instances_per_class"].items()),
-        f"moved {report.bytes_requested / 1e6:.1f} MB in {report.requests} requests "
-        f"({report.directory_bytes / 1e6:.1f} MB of zip directories, {report.retries} retries) "
-        f"in {report.seconds:.1f} s",
+        _per_class_line(totals["images_per_class"], totals["instances_per_class"]),
+        _moved_line(report),
     ]
     if report.malformed_rows:
         lines.append(f"skipped {report.malformed_rows} malformed CSV row(s)")
@@ -388,4 +708,33 @@ def format_summary(report: RunReport, out: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["RunReport", "ShardOptions", "build_manifest", "format_summary", "run_shard"]
+def format_dry_run(report: RunReport, out: str) -> str:
+    """What a dry run found: the plan's counts and the bytes a real run would move."""
+    planned, estimate = report.planned, report.estimate
+    assert estimate is not None
+    lines = [
+        f"dry run, {report.split}: {planned['samples']} images in {planned['shards']} shard(s) "
+        f"for {out}"
+        + (f" ({estimate.shards_complete} already complete)" if estimate.shards_complete else ""),
+        _per_class_line(planned["images_per_class"], planned["instances_per_class"]),
+        f"a run would fetch {estimate.image_requests} images, about "
+        f"{_mb(estimate.image_bytes)} (mean of {estimate.images_sampled} HEADs), and "
+        f"{_mb(estimate.mask_bytes)} of masks in {estimate.mask_requests} range requests",
+        "planning " + _moved_line(report)[0].lower() + _moved_line(report)[1:],
+        "nothing fetched or written; run without --dry-run to shard",
+    ]
+    if report.malformed_rows:
+        lines.append(f"skipped {report.malformed_rows} malformed CSV row(s)")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Estimate",
+    "RunReport",
+    "ShardOptions",
+    "build_manifest",
+    "format_dry_run",
+    "format_summary",
+    "run_shard",
+    "run_splits",
+]
