@@ -1,6 +1,6 @@
 """Tools for tests and demos, not for the product: ``fakebucket`` (a synthetic bucket with the real
-Open Images layout), ``s3server`` (a moto S3 server on loopback) and ``faultproxy`` (an HTTP proxy
-that misbehaves on purpose and counts what it forwards).
+Open Images layout), ``s3server`` (a moto S3 server on loopback) and ``proxy`` (an HTTP proxy
+that misbehaves on purpose and counts what it forwards; ``faultproxy`` is its old name).
 
 The S3 server needs the ``serve`` extra (``pip install 'oistream[serve]'``: moto, boto3).
 """
