@@ -39,10 +39,12 @@ import time
 import zipfile
 from pathlib import Path
 
-import _servers
-from _servers import format_bytes, verdict
+import _bucket
+import _nginx
+from _report import format_bytes, verdict
 
 from oistream.sharding.options import DEFAULT_CONCURRENCY
+from oistream.testing.proxy import Proxy
 
 # Kinds of request, by request line, that the proxy counts bytes for.
 REQUEST_KINDS = [
@@ -84,7 +86,7 @@ def zip_directory(path: Path) -> dict[str, int]:
 def payload_from_tars(out: Path) -> tuple[int, int, int]:
     """(image bytes, mask bytes, samples) of the shards, read back from the tars."""
     images = masks = samples = 0
-    for name, data in _servers.shard_members(out):
+    for name, data in _bucket.shard_members(out):
         if name.endswith(".jpg"):
             images += len(data)
             samples += 1
@@ -96,7 +98,7 @@ def payload_from_tars(out: Path) -> tuple[int, int, int]:
 def selected_from_tars(out: Path) -> tuple[list[str], list[str]]:
     """(image IDs, mask paths) of the samples in the shards, from their JSON members."""
     ids, mask_paths = [], []
-    for name, data in _servers.shard_members(out):
+    for name, data in _bucket.shard_members(out):
         if name.endswith(".json"):
             record = json.loads(data)
             ids.append(record["image_id"])
@@ -149,14 +151,14 @@ def projection(
 
 
 def main() -> None:
-    parser = _servers.bench_parser(__doc__)
+    parser = _bucket.bench_parser(__doc__)
     parser.add_argument("--fraction", type=float, default=0.01, help="share of images selected")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
     parser.add_argument("--processes", type=int, default=None)
     args = parser.parse_args()
-    bucket = _servers.prepare_bench(args)
+    bucket = _bucket.prepare_bench(args)
     train = bucket["splits"]["train"]
-    zips = _servers.mask_zip_paths(bucket["root"])
+    zips = _bucket.mask_zip_paths(bucket["root"])
     directories = {prefix: zip_directory(path) for prefix, path in zips.items()}
     fewest = min(d["entries"] for d in directories.values())
     print(
@@ -172,12 +174,12 @@ def main() -> None:
     from oistream.sharding.run import ShardOptions, run_shard
 
     with contextlib.ExitStack() as stack:
-        nginx = stack.enter_context(_servers.Nginx(bucket["root"]))
-        proxy = stack.enter_context(_servers.CountingProxy(nginx.port, latency=0.0))
+        nginx = stack.enter_context(_nginx.Nginx(bucket["root"]))
+        proxy = stack.enter_context(Proxy(nginx.url, latency=0.0, process=True))
         out = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.workdir))) / "shards"
-        proxy.reset(kinds=REQUEST_KINDS)
+        proxy.reset_stats(kinds=REQUEST_KINDS)
         print(
-            f"oistream shard --classes {' '.join(repr(c) for c in _servers.BENCH_CLASSES)} "
+            f"oistream shard --classes {' '.join(repr(c) for c in _bucket.BENCH_CLASSES)} "
             f"--split train --max-images {max_images} ({args.fraction:.1%} of the train images) "
             f"--concurrency {args.concurrency} --endpoint-url {proxy.url} (nginx behind the "
             "counting proxy)"
@@ -188,7 +190,7 @@ def main() -> None:
         def shard(folder: Path):
             return run_shard(
                 ShardOptions(
-                    classes=_servers.BENCH_CLASSES,
+                    classes=_bucket.BENCH_CLASSES,
                     split="train",
                     out=str(folder),
                     images="s3://open-images-dataset",
@@ -205,16 +207,16 @@ def main() -> None:
         # A first run: the metadata cache is empty (as with --no-cache).
         report = shard(out)
         seconds = time.perf_counter() - started
-        stats = proxy.stats()
+        stats = proxy.stats
         tar_images, tar_masks, samples = payload_from_tars(out)
         selected_ids, mask_paths = selected_from_tars(out)
         failures = report.manifest["totals"]["failures"]
         shutil.rmtree(out)
         # The same selection again with the same --cache: the CSV, class lists and
         # directories come from disk, each validated by one HEAD.
-        proxy.reset(kinds=REQUEST_KINDS)
+        proxy.reset_stats(kinds=REQUEST_KINDS)
         second = shard(out)
-        cached_stats = proxy.stats()
+        cached_stats = proxy.stats
         shutil.rmtree(out)
 
     by_kind = stats.bytes_by_kind
@@ -331,7 +333,7 @@ def main() -> None:
 
     # Projection to the real train split: our measured per-member overheads, a mask size from
     # a 1024 px fake (real masks are 1600 px on the long side, like the fake's at that size).
-    real_size = _servers.cached_bucket(
+    real_size = _bucket.cached_bucket(
         args.workdir,
         images=256,
         image_size=1024,
@@ -339,7 +341,7 @@ def main() -> None:
         zip64=True,
         log=lambda _: None,
     )
-    png, stored = mean_member_sizes(list(_servers.mask_zip_paths(real_size["root"]).values()))
+    png, stored = mean_member_sizes(list(_bucket.mask_zip_paths(real_size["root"]).values()))
     entries_touched = sum(directories[p]["entries"] for p in touched)
     cd_entry = cd_bytes / entries_touched
     instances_per_image = len(mask_paths) / max(1, samples)

@@ -1,7 +1,7 @@
 """Peak memory of `oistream shard` at two subset sizes (issue 3: below 1 GB, not growing).
 
 The fake bucket of ``shard_bytes.py`` (94,000 train images) is served by nginx behind the
-delaying proxy of ``_servers`` (``--latency``, default 0.1 s, so that requests pile up in flight
+delaying proxy (``--latency``, default 0.1 s, so that requests pile up in flight
 as they would against S3). ``python -m oistream shard`` runs on a 2% and a 20% subset
 (``--max-images``, classes Person, Car, Traffic light, Traffic sign, default concurrency and
 processes; 2% rather than 1% because a 1% subset is a single shard, which the command builds
@@ -34,11 +34,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import _servers
-from _servers import format_bytes, verdict
+import _bucket
+import _nginx
+import _procs
+from _report import format_bytes, verdict
 from shard_throughput import anonymous_environment, ours_command
 
 from oistream.sharding.options import DEFAULT_CONCURRENCY
+from oistream.testing.proxy import Proxy
 
 LIMIT_BYTES = 1_000_000_000
 ALLOWED_GROWTH = 1.20
@@ -113,7 +116,7 @@ def _peak_with_psutil(command: list[str], env: dict[str, str], cwd: Path) -> Pea
             time.sleep(SAMPLE_SECONDS)
         _, stderr = root.communicate()
     except BaseException:
-        _servers.kill_group(root.pid)
+        _procs.kill_group(root.pid)
         root.wait()
         raise
     if root.returncode != 0:
@@ -130,7 +133,7 @@ def _peak_with_psutil(command: list[str], env: dict[str, str], cwd: Path) -> Pea
 
 def _peak_with_rusage(command: list[str], env: dict[str, str], cwd: Path) -> Peak:
     started = time.perf_counter()
-    result = _servers.run_command(command, env, cwd)
+    result = _procs.run_command(command, env, cwd)
     if result.returncode != 0:
         raise RuntimeError(f"oistream shard exited {result.returncode}:\n{result.stderr[-3000:]}")
     # ru_maxrss is in kB on Linux and covers the largest descendant waited for so far.
@@ -149,7 +152,7 @@ def peak_memory(command: list[str], env: dict[str, str], cwd: Path) -> Peak:
 
 
 def main() -> None:
-    parser = _servers.bench_parser(__doc__)
+    parser = _bucket.bench_parser(__doc__)
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added per request")
     parser.add_argument(
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="ours: --concurrency"
@@ -157,14 +160,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=None, help="ours: --processes")
     parser.add_argument("--fractions", type=float, nargs=2, default=[0.02, 0.20])
     args = parser.parse_args()
-    bucket = _servers.prepare_bench(args)
+    bucket = _bucket.prepare_bench(args)
     train_images = bucket["splits"]["train"]["images"]
     print(f"bucket: {bucket['root']} ({train_images} train images)")
     env = anonymous_environment()
     peaks = []
     with contextlib.ExitStack() as stack:
-        nginx = stack.enter_context(_servers.Nginx(bucket["root"]))
-        proxy = stack.enter_context(_servers.CountingProxy(nginx.port, latency=args.latency))
+        nginx = stack.enter_context(_nginx.Nginx(bucket["root"]))
+        proxy = stack.enter_context(Proxy(nginx.url, latency=args.latency, process=True))
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.workdir)))
         for fraction in args.fractions:
             max_images = max(1, round(fraction * train_images))

@@ -39,10 +39,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import _servers
-from _servers import format_bytes, verdict
+import _bucket
+import _nginx
+import _procs
+from _report import format_bytes, verdict
 
 from oistream.sharding.options import DEFAULT_CONCURRENCY
+from oistream.testing.proxy import Proxy, ProxyStats
 
 IMAGES_BUCKET = "open-images-dataset"
 METADATA_BUCKET = "openimages"
@@ -75,7 +78,7 @@ def run_timed(command: list[str], env: dict[str, str], cwd: Path) -> Timed:
     """Run ``command`` to completion; wall time from start to exit, CPU time of its tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    result = _servers.run_command(command, env, cwd)
+    result = _procs.run_command(command, env, cwd)
     ended = time.monotonic()
     seconds = ended - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -87,7 +90,7 @@ def run_timed(command: list[str], env: dict[str, str], cwd: Path) -> Timed:
     return Timed(seconds, cpu, result.stdout + result.stderr, started, ended)
 
 
-def timeline(run: Timed, stats: _servers.ProxyStats) -> str:
+def timeline(run: Timed, stats: ProxyStats) -> str:
     """Where the wall time of our command went, from the requests the server saw."""
     first, last = stats.first_start_by_kind, stats.last_end_by_kind
     if "images" not in first or "zips" not in first:
@@ -116,7 +119,7 @@ def anonymous_environment() -> dict[str, str]:
 
 
 def ours_command(endpoint: str, out: Path, max_images: int, args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, "-m", "oistream", "shard", "--classes", *_servers.BENCH_CLASSES]
+    command = [sys.executable, "-m", "oistream", "shard", "--classes", *_bucket.BENCH_CLASSES]
     command += ["--split", SPLIT, "--out", str(out), "--max-images", str(max_images)]
     command += ["--images", f"s3://{IMAGES_BUCKET}", "--metadata", f"s3://{METADATA_BUCKET}"]
     command += ["--endpoint-url", endpoint, "--concurrency", str(args.concurrency), "--quiet"]
@@ -128,7 +131,7 @@ def ours_command(endpoint: str, out: Path, max_images: int, args: argparse.Names
 def sample_ids(out: Path) -> list[str]:
     return [
         json.loads(data)["image_id"]
-        for name, data in _servers.shard_members(out)
+        for name, data in _bucket.shard_members(out)
         if name.endswith(".json")
     ]
 
@@ -137,7 +140,7 @@ def content_digests(out: Path) -> dict[str, str]:
     """sha256 of each image and mask member, by member name: what both methods must agree on."""
     return {
         name: hashlib.sha256(data).hexdigest()
-        for name, data in _servers.shard_members(out)
+        for name, data in _bucket.shard_members(out)
         if name.endswith((".jpg", ".mask.png"))
     }
 
@@ -184,7 +187,7 @@ def baseline_main(endpoint: str, ids_file: str, out: str, scratch: str, threads:
     classes = pd.read_csv(
         io.BytesIO(get(METADATA_BUCKET, "v7/oidv7-class-descriptions-boxable.csv"))
     )
-    mids = classes.loc[classes["DisplayName"].isin(_servers.BENCH_CLASSES), "LabelName"].tolist()
+    mids = classes.loc[classes["DisplayName"].isin(_bucket.BENCH_CLASSES), "LabelName"].tolist()
     csv_key = f"v5/{SPLIT}-annotations-object-segmentation.csv"
     table = pd.read_csv(io.BytesIO(get(METADATA_BUCKET, csv_key)))
     wanted = Path(ids_file).read_text().split()
@@ -255,7 +258,7 @@ def baseline_main(endpoint: str, ids_file: str, out: str, scratch: str, threads:
 
 
 def main() -> None:
-    parser = _servers.bench_parser(__doc__)
+    parser = _bucket.bench_parser(__doc__)
     parser.add_argument("--latency", type=float, default=0.1, help="seconds added per request")
     parser.add_argument(
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="ours: --concurrency"
@@ -265,7 +268,7 @@ def main() -> None:
         "--fractions", type=float, nargs="+", default=sorted(MARKS), help="subset sizes"
     )
     args = parser.parse_args()
-    bucket = _servers.prepare_bench(args)
+    bucket = _bucket.prepare_bench(args)
     train_images = bucket["splits"][SPLIT]["images"]
     print(
         f"bucket: {bucket['root']} ({train_images} train images, "
@@ -277,14 +280,14 @@ def main() -> None:
     some_key = f"{IMAGES_BUCKET}/{SPLIT}/{some_image}"
 
     with contextlib.ExitStack() as stack:
-        nginx = stack.enter_context(_servers.Nginx(bucket["root"]))
-        overhead = _servers.proxy_overhead(nginx.port, some_key)
+        nginx = stack.enter_context(_nginx.Nginx(bucket["root"]))
+        overhead = _nginx.proxy_overhead(nginx.port, some_key)
         print(
             f"proxy overhead: {overhead['direct']:.0f} small GETs/s straight to nginx, "
             f"{overhead['proxied']:.0f} through the proxy with no latency "
             f"(one aiohttp client process, 64 connections; all share 2 cores)"
         )
-        proxy = stack.enter_context(_servers.CountingProxy(nginx.port, latency=args.latency))
+        proxy = stack.enter_context(Proxy(nginx.url, latency=args.latency, process=True))
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.workdir)))
         print(
             f"latency {args.latency * 1000:.0f} ms per request; ours: --concurrency "
@@ -294,18 +297,18 @@ def main() -> None:
         for fraction in args.fractions:
             max_images = max(1, round(fraction * train_images))
             ours_out, base_out = work / f"ours-{fraction}", work / f"base-{fraction}"
-            proxy.reset(watch=f"GET /{IMAGES_BUCKET}/".encode(), kinds=REQUEST_KINDS)
+            proxy.reset_stats(watch=f"GET /{IMAGES_BUCKET}/".encode(), kinds=REQUEST_KINDS)
             load = os.getloadavg()[0]
             nginx_cpu = nginx.cpu_seconds()
             ours = run_timed(ours_command(proxy.url, ours_out, max_images, args), env, work)
-            ours_stats = proxy.stats()
+            ours_stats = proxy.stats
             ours_nginx_cpu, nginx_cpu = nginx.cpu_seconds() - nginx_cpu, nginx.cpu_seconds()
             ids = sample_ids(ours_out)
             ids_file = work / f"ids-{fraction}.txt"
             ids_file.write_text("\n".join(ids))
             scratch = work / f"zips-{fraction}"
             scratch.mkdir()
-            proxy.reset()
+            proxy.reset_stats()
             base = run_timed(
                 [
                     sys.executable,
@@ -320,7 +323,7 @@ def main() -> None:
                 env,
                 work,
             )
-            base_stats = proxy.stats()
+            base_stats = proxy.stats
             base_nginx_cpu = nginx.cpu_seconds() - nginx_cpu
             same = content_digests(ours_out) == content_digests(base_out)
 

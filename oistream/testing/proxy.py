@@ -400,6 +400,9 @@ class _ClientSide(asyncio.Protocol):
             self.upstream_error = str(error) or type(error).__name__
         else:
             self.upstream = upstream
+            if self.closed:  # the client left while we connected
+                upstream.transport.close()
+                return
         if not self.closed:
             self.transport.resume_reading()
 
@@ -427,6 +430,7 @@ class _ClientSide(asyncio.Protocol):
         """End this connection: with a TCP RST (like a crashed peer) or a clean close."""
         transport = self.transport
         if transport is not None and not self.closed:
+            self.closed = True  # nothing more goes either way
             if reset:
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
@@ -585,7 +589,7 @@ class _ClientSide(asyncio.Protocol):
             request.sent = len(body)
         else:
             body = b""
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:
             self.transport.write(head + body)
         self.end(request)
         if close:
@@ -1031,8 +1035,8 @@ class Proxy:
         ``kinds``: ``(name, request-line prefix)`` pairs that the per-kind counts split by.
         """
         argument = (watch, list(kinds))
-        if self.port is None:
-            raise RuntimeError("the proxy is not running")
+        if self.port is None:  # not running: nothing counted to zero
+            return
         if self.process:
             self._ask("reset", argument)
         else:
