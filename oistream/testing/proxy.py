@@ -372,7 +372,7 @@ class _ClientSide(asyncio.Protocol):
         self.delayed: collections.deque[tuple[float, _Request | None, bool, bytes]]
         self.delayed = collections.deque()
         self.timer: asyncio.TimerHandle | None = None
-        self.pending: set[_Request] = set()  # arrived, not ended
+        self.pending: dict[_Request, None] = {}  # arrived, not ended, in arrival order
         self.forwarded: collections.deque[_Request] = collections.deque()  # awaiting upstream
         self.state = _HEAD
         self.body_left = 0
@@ -418,11 +418,11 @@ class _ClientSide(asyncio.Protocol):
     def end(self, request: _Request) -> None:
         if not request.ended:
             request.ended = True
-            self.pending.discard(request)
+            self.pending.pop(request, None)
             self.proxy.counters.request_ended(self.loop.time(), request)
 
     def end_all(self) -> None:
-        for request in sorted(self.pending, key=id):
+        for request in list(self.pending):
             self.end(request)
         self.forwarded.clear()
 
@@ -532,7 +532,7 @@ class _ClientSide(asyncio.Protocol):
         if self.proxy.faulty:
             request.fault = self.proxy.draw_fault(request)
         counters.request_started(now, head, request)
-        self.pending.add(request)
+        self.pending[request] = None
         self.delayed.append((due, request, True, head))
 
     def _go_blind(self, due: float, data: bytes) -> None:
