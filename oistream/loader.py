@@ -39,6 +39,7 @@ import os
 import posixpath
 import random
 import re
+import signal
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
@@ -901,12 +902,16 @@ class _Stream:
             wanted.setdefault(draw, set()).add(index)
         found: dict[tuple[int, int], dict[str, Any]] = {}
         current = count - 1
+        # A resampled sequence draws the same shard again and again: read each one once.
+        by_url: dict[str, dict[int, list[int]]] = {}
         for draw in sorted(wanted):
-            if draw == current:
-                continue
-            last = max(wanted[draw])
-            for index, raw in enumerate(self._shard_samples(self.started[draw])):
-                if index in wanted[draw]:
+            if draw != current:
+                for index in wanted[draw]:
+                    by_url.setdefault(self.started[draw], {}).setdefault(index, []).append(draw)
+        for url, indices in by_url.items():
+            last = max(indices)
+            for index, raw in enumerate(self._shard_samples(url)):
+                for draw in indices.get(index, ()):
                     found[(draw, index)] = raw
                 if index >= last:
                     break
@@ -1040,6 +1045,10 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # Ctrl-C reaches the whole process group and a scheduler's SIGTERM may too: the main
+    # process decides when to stop (a trainer finishes its step first) and ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ShardLoader(DataLoader):
