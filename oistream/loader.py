@@ -14,6 +14,17 @@ Two epoch modes:
 * ``epoch_samples=n``: shards are resampled with replacement and every rank yields exactly ``n``
   samples per epoch, so DDP ranks never wait for each other.
 
+Resumable (DESIGN 5): each worker's stream (``_Stream``) keeps its position as plain data, and
+``ShardDataset.state_dict()`` / ``make_loader(...).state_dict()`` return it (per worker: shards
+of the epoch's sequence started, samples taken from the current one, the names of the samples
+in the shuffle buffer and aspect buckets, the shuffle's and flip's RNG states).
+``load_state_dict(state)`` makes the next epoch seek there: only the current shard (read up
+to the position without decoding) and the shards holding the buffered samples are read again.
+
+Remote shards can be cached on local disk (``shard_cache=DIR``, bounded by
+``shard_cache_bytes``, least recently used first out): a shard is copied as it streams in and
+kept only if its size and sha256 match the manifest.
+
 Untrusted shards are data: only ``.jpg``, ``.json`` and ``.NNN.mask.png`` members are read at all
 (a pickle is never even loaded into memory), names that are absolute or contain ``..`` are
 rejected with a warning, and a sample whose image or mask does not decode is skipped with a

@@ -18,8 +18,8 @@ from shardfactory import classes_table, random_samples, write_shards
 
 from train import checkpoint as ckpt
 from train.cli import main
-from train.rundir import RunDir
 from train.config import DEMO_DEFAULTS, parse_args
+from train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = [

@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from oistream import OistreamError
-
 from . import checkpoint as ckpt
 from .config import REFERENCE_BATCH, parse_args
 from .data import (
@@ -46,7 +44,7 @@ from .engine import (
     make_deterministic,
     seed_everything,
 )
-from .errors import TrainError
+from .errors import TrainError, one_line
 from .evaluate import evaluate
 from .model import Layout, build_model, layout_for, load_model_state
 from .precision import choose_precision
@@ -75,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
     finally:
         for number, handler in previous.items():
@@ -107,28 +105,6 @@ def _catch_signals(stop: StopRequest) -> dict[int, Any]:
         except ValueError:  # not the main thread (an embedding application): leave them
             break
     return previous
-
-
-def _one_line(error: BaseException) -> str:
-    """A failure as one line: ours as they are, the libraries' with what the user can do."""
-    if isinstance(error, TrainError | OistreamError):
-        return str(error)
-    text = " ".join(str(error).split()) or type(error).__name__
-    name = type(error).__name__
-    if "OutOfMemoryError" in name or "out of memory" in text.lower():
-        return (
-            "out of memory on the device: lower --batch-size, --max-size/--min-size, "
-            "--rpn-samples or --roi-samples, or use --amp bf16"
-        )
-    module = type(error).__module__ or ""
-    storage = module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec"))
-    if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
-        return f"storage refused access ({name}): {text[:300]} (check credentials and the bucket)"
-    if storage or isinstance(error, ConnectionError | TimeoutError):
-        return f"storage unreachable or failing ({name}): {text[:300]} (check --endpoint-url)"
-    if isinstance(error, OSError):
-        return f"{name}: {text[:300]}"
-    return f"{name}: {text[:300]} (a bug? rerun with --debug for the traceback)"
 
 
 def run(

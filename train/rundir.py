@@ -64,6 +64,7 @@ class RunDir:
             self._staging = None
         self._metrics: list[str] = []
         self._metrics_published = 0.0
+        self._metrics_synced = False  # the local file holds exactly self._metrics
 
     # -- names --
 
@@ -172,6 +173,7 @@ class RunDir:
         """Start from the folder's metrics.jsonl, without lines logged after ``up_to_step``
         (those steps are trained again and logged again); None starts empty."""
         self._metrics = []
+        self._metrics_synced = False
         if up_to_step is None:
             return
         data = self.read_bytes("metrics.jsonl") or b""
@@ -190,8 +192,11 @@ class RunDir:
         self._metrics.append(line)
         if not self.remote:
             path = Path(self.root) / "metrics.jsonl"
-            if len(self._metrics) == 1 or not path.exists():
+            if not self._metrics_synced or not path.exists():
+                # The first line of this process: rewrite whole, dropping lines an earlier
+                # process logged after its last checkpoint (they are logged again).
                 self.publish_bytes("metrics.jsonl", self._text())
+                self._metrics_synced = True
             else:
                 with path.open("a") as stream:
                     stream.write(line + "\n")
