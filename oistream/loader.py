@@ -14,6 +14,17 @@ Two epoch modes:
 * ``epoch_samples=n``: shards are resampled with replacement and every rank yields exactly ``n``
   samples per epoch, so DDP ranks never wait for each other.
 
+Resumable (DESIGN 5): each worker's stream (``_Stream``) keeps its position as plain data, and
+``ShardDataset.state_dict()`` / ``make_loader(...).state_dict()`` return it (per worker: shards
+of the epoch's sequence started, samples taken from the current one, the names of the samples
+in the shuffle buffer and aspect buckets, the shuffle's and flip's RNG states).
+``load_state_dict(state)`` makes the next epoch seek there: only the current shard (read up
+to the position without decoding) and the shards holding the buffered samples are read again.
+
+Remote shards can be cached on local disk (``shard_cache=DIR``, bounded by
+``shard_cache_bytes``, least recently used first out): a shard is copied as it streams in and
+kept only if its size and sha256 match the manifest.
+
 Untrusted shards are data: only ``.jpg``, ``.json`` and ``.NNN.mask.png`` members are read at all
 (a pickle is never even loaded into memory), names that are absolute or contain ``..`` are
 rejected with a warning, and a sample whose image or mask does not decode is skipped with a
@@ -36,7 +47,10 @@ import itertools
 import json
 import math
 import os
+import posixpath
 import random
+import re
+import signal
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
@@ -61,10 +75,12 @@ from oistream.format import (
     read_manifest,
 )
 from oistream.masks import assemble_masks, decode_mask_png
-from oistream.transforms import RandomHorizontalFlip, drop_small_instances
+from oistream.transforms import RandomHorizontalFlip, drop_small_instances, hflip
 
 __all__ = [
+    "ShardCache",
     "ShardDataset",
+    "ShardLoader",
     "ShardWarning",
     "image_id_to_int",
     "make_loader",
@@ -176,23 +192,152 @@ def resolve_source(
 
 class _ShardOpener:
     """Opens shard URLs in the process that reads them, one filesystem per protocol, created
-    here (after any fork) and never shared with another process."""
+    here (after any fork) and never shared with another process. With a ``ShardCache`` a
+    remote shard is read from the cache when a verified copy is there, else streamed and
+    copied into it on the way."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], cache: ShardCache | None = None) -> None:
         self.options = options
+        self.cache = cache
         self.filesystems: dict[str, Any] = {}
 
     def open(self, url: str) -> BinaryIO:
         protocol, path = fsspec.core.split_protocol(url)
         if protocol in (None, "file", "local"):
             return open(path, "rb", buffering=2**20)  # the caller closes it
+        if self.cache is not None:
+            cached = self.cache.lookup(url)
+            if cached is not None:
+                return cached
         fs = self.filesystems.get(protocol)
         if fs is None:
             fs, _ = sources.filesystem(url, self.options, skip_instance_cache=True)
             self.filesystems[protocol] = fs
-        return fs.open(
+        stream = fs.open(
             fs._strip_protocol(url), "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead"
         )
+        if self.cache is not None:
+            return self.cache.tee(url, stream)
+        return stream
+
+
+class ShardCache:
+    """A local folder of remote shards, filled as they stream in, bounded in bytes (LRU).
+
+    Only a complete copy whose size and sha256 match the manifest's record is ever kept (it is
+    written under a temporary name and renamed); shards without such a record are not cached.
+    File names are a hash of the URL plus the shard's base name, so no URL can name a path
+    outside the folder. Use order is the files' modification time (touched on every hit).
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, max_bytes: int | None, records: dict[str, dict]
+    ) -> None:
+        self.folder = os.fspath(folder)
+        self.max_bytes = max_bytes
+        self.records = records  # shard URL -> {"bytes", "sha256"} from the manifest
+        os.makedirs(self.folder, exist_ok=True)
+
+    def path(self, url: str) -> str:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(url))[-100:]
+        return os.path.join(self.folder, f"{digest}-{base}")
+
+    def lookup(self, url: str) -> BinaryIO | None:
+        """The cached copy of ``url`` opened for reading, or None (a miss)."""
+        record = self.records.get(url)
+        path = self.path(url)
+        try:
+            if record is None or os.path.getsize(path) != int(record["bytes"]):
+                return None
+            os.utime(path)  # most recently used
+            return open(path, "rb", buffering=2**20)
+        except OSError:
+            return None
+
+    def tee(self, url: str, stream: BinaryIO) -> BinaryIO:
+        record = self.records.get(url)
+        if record is None or not record.get("sha256"):
+            return stream  # nothing to verify a copy against: stream only
+        return _TeeToCache(stream, self, url, record)
+
+    def admit(self, partial: str, url: str) -> None:
+        """Publish a verified copy, then evict the least recently used beyond the budget."""
+        final = self.path(url)
+        os.replace(partial, final)
+        if self.max_bytes is None:
+            return
+        entries = []
+        for entry in os.scandir(self.folder):
+            if entry.is_file() and not entry.name.endswith(".partial"):
+                info = entry.stat()
+                entries.append((info.st_mtime, info.st_size, entry.path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if path != final or size > self.max_bytes:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                total -= size
+
+
+class _TeeToCache(io.RawIOBase):
+    """A remote shard stream that copies what is read into the cache; the copy is admitted
+    only when the whole shard was read (``finish``) and its size and sha256 match."""
+
+    def __init__(self, stream: BinaryIO, cache: ShardCache, url: str, record: dict) -> None:
+        super().__init__()
+        self.stream, self.cache, self.url, self.record = stream, cache, url, record
+        self.partial = f"{cache.path(url)}.{os.getpid()}.partial"
+        self.copy: BinaryIO | None = open(self.partial, "wb")  # noqa: SIM115 (closed in finish/close)
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        self._keep(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self._keep(data)
+        return data
+
+    def _keep(self, data: bytes) -> None:
+        if self.copy is not None and data:
+            self.copy.write(data)
+            self.digest.update(data)
+            self.size += len(data)
+
+    def finish(self) -> None:
+        """The reader reached the shard's end: read what it left (tar padding) and admit."""
+        while self.read(2**20):
+            pass
+        if self.copy is None:
+            return
+        self.copy.close()
+        self.copy = None
+        complete = self.size == int(self.record["bytes"])
+        if complete and self.digest.hexdigest() == self.record["sha256"]:
+            self.cache.admit(self.partial, self.url)
+        else:
+            _warn(f"not caching {self.url}: its bytes do not match the manifest's size and sha256")
+            with contextlib.suppress(OSError):
+                os.unlink(self.partial)
+
+    def close(self) -> None:
+        if self.copy is not None:  # abandoned before the end: no copy
+            self.copy.close()
+            self.copy = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.partial)
+        self.stream.close()
+        super().close()
 
 
 def _read_members(
@@ -226,6 +371,9 @@ def _read_members(
                     member["__url__"] = url
                     produced = True
                     yield member
+                finish = getattr(stream, "finish", None)
+                if finish is not None:
+                    finish()  # the whole shard was read: the cache may keep it
         except Exception as error:  # a missing, truncated or non-tar shard: note it, go on
             _warn(f"cannot read shard {url} to the end: {type(error).__name__}: {error}")
         yield {}
@@ -327,6 +475,8 @@ class ShardDataset(IterableDataset):
         world_size: int | None = None,
         decode_images: bool = True,
         pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+        shard_cache: str | os.PathLike | None = None,
+        shard_cache_bytes: int | None = None,
     ) -> None:
         super().__init__()
         # Samples whose headers promise more than this many bytes decoded are skipped.
@@ -366,6 +516,21 @@ class ShardDataset(IterableDataset):
         )
         self.flip = RandomHorizontalFlip(0.5)
         self._epoch = -1
+        # Remote shards with a manifest record (bytes, sha256) can be cached; local ones never.
+        records = {
+            str(r["name"]): r
+            for r in (manifest or {}).get("shards", [])
+            if isinstance(r, dict) and "name" in r
+        }
+        self.shard_cache = os.fspath(shard_cache) if shard_cache is not None else None
+        self.shard_cache_bytes = shard_cache_bytes
+        self._shard_records = {
+            url: records[posixpath.basename(url)]
+            for url in self.urls
+            if posixpath.basename(url) in records
+        }
+        self._resume: dict[str, Any] | None = None  # a position to seek to (load_state_dict)
+        self._live: _Stream | None = None  # the in-process iteration, for state_dict()
 
     # -- classes --
 
@@ -416,53 +581,74 @@ class ShardDataset(IterableDataset):
         self._epoch = epoch - 1
 
     def __iter__(self) -> Iterator[Sample]:
-        return self._iter_samples(endless=False)
-
-    def _iter_samples(self, endless: bool) -> Iterator[Sample]:
-        """This worker's samples; ``endless`` (epoch mode only) drops the per-epoch count."""
-        self._epoch += 1
-        epoch = self._epoch
         _, _, worker, num_workers = wds.utils.pytorch_worker_info()
-        rank, world_size = self.rank, self.world_size
-        stream_seed = wds.utils.make_seed(self.seed, epoch, rank, worker)
+        stream = self._stream(worker, num_workers)
+        self._live = stream
+        samples = (sample for _, sample in stream.samples())
+        if self.epoch_samples is not None:
+            count = _share(self.epoch_samples, worker, num_workers) - stream.yielded
+            samples = itertools.islice(samples, max(count, 0))
+        return samples
 
-        stages: list[Any] = []
+    # -- position (resume without replay) --
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the in-process iteration (``num_workers=0``) stands: ``{"epoch", "workers":
+        {0: position}}``. Through DataLoader workers use ``make_loader(...).state_dict()``."""
+        if self._live is None:
+            return {"epoch": self._epoch + 1, "batches": 0, "workers": {}}
+        return {"epoch": self._live.epoch, "batches": 0, "workers": {0: self._live.position()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Seek the next iteration to ``state`` (from ``state_dict``): the next ``iter()``
+        continues epoch ``state["epoch"]`` where it stood, reading again only the shard it was
+        in and the shards its shuffle buffer holds samples of; nothing before is decoded."""
+        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+            raise ValueError("not a ShardDataset state (no 'epoch')")
+        self.set_epoch(state["epoch"])
+        self._resume = dict(state) if state.get("workers") else None
+
+    def _stream(self, worker: int, num_workers: int, offset_from_resume: bool = False) -> _Stream:
+        """Advance the epoch and build this worker's stream, seeking if a position is pending.
+
+        ``offset_from_resume``: the worker plays role ``(worker + batches) % num_workers`` of
+        the saved run, so that a DataLoader (which starts at worker 0) hands out batches in the
+        order the interrupted one would have.
+        """
+        self._epoch += 1
+        role, position = worker, None
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == self._epoch:
+            saved_workers = int(resume.get("num_workers", num_workers))
+            if saved_workers != num_workers:
+                raise ValueError(
+                    f"the loader position was saved with {saved_workers} workers, this loader "
+                    f"has {num_workers}"
+                )
+            if offset_from_resume:
+                role = (worker + int(resume.get("batches", 0))) % num_workers
+            workers = resume["workers"]
+            position = workers.get(role, workers.get(str(role)))
+        return _Stream(self, self._epoch, role, num_workers, position)
+
+    def _shard_sequence(self, epoch: int, role: int, roles: int) -> Iterator[str]:
+        """The shards one worker reads in an epoch: a pure function of the seeds, so a position
+        is just how many of them were started."""
         if self.epoch_samples is None:
             # Same shard order on every rank (seeded by seed and epoch only), then partitioned.
-            order_seed = wds.utils.make_seed(self.seed, epoch) if self.shuffle > 0 else None
-            stages += [
-                wds.SimpleShardList(self.urls, seed=order_seed),
-                functools.partial(_split_by_rank, rank=rank, world_size=world_size),
-                wds.split_by_worker,
-            ]
-        else:
-            stages.append(
-                wds.ResampledShards(
-                    self.urls,
-                    seed=wds.utils.make_seed(self.seed, epoch),
-                    worker_seed=lambda: wds.utils.make_seed(rank, worker),
-                    deterministic=True,
-                )
-            )
-        stages += [
-            functools.partial(
-                _read_members,
-                opener=_ShardOpener(self.storage_options),
-                give_up_after=max(16, 2 * len(self.urls)),
-            ),
-            functools.partial(wds.tariterators.group_by_keys, handler=_warn_and_continue),
-        ]
-        if self.shuffle > 0:
-            # Raw bytes are shuffled, not decoded tensors: the buffer stays small.
-            stages.append(wds.shuffle(self.shuffle, rng=random.Random(stream_seed)))
-        stages.append(wds.map(self._decode_sample))
-        if self.train:
-            generator = torch.Generator().manual_seed(stream_seed)
-            stages.append(wds.map(lambda sample: self.flip(*sample, generator=generator)))
-        if self.epoch_samples is not None and not endless:
-            count = _share(self.epoch_samples, worker, num_workers)
-            stages.append(lambda samples: itertools.islice(samples, count))
-        return iter(wds.DataPipeline(*stages))
+            order = list(self.urls)
+            if self.shuffle > 0:
+                random.Random(wds.utils.make_seed(self.seed, epoch)).shuffle(order)
+            mine = itertools.islice(order, self.rank, None, self.world_size)
+            return itertools.islice(mine, role, None, roles)
+        rng = random.Random(wds.utils.make_seed(self.seed, epoch, self.rank, role, 1))
+        return (rng.choice(self.urls) for _ in itertools.count())
+
+    def _opener(self) -> _ShardOpener:
+        cache = None
+        if self.shard_cache is not None:
+            cache = ShardCache(self.shard_cache, self.shard_cache_bytes, self._shard_records)
+        return _ShardOpener(self.storage_options, cache)
 
     def read_sample(self, key: str | None = None) -> Sample:
         """The sample with ImageID ``key`` (the first one if None), ground truth as ``train=False``
@@ -583,6 +769,195 @@ def _image_size(data: bytes, what: str) -> tuple[int, int]:
         raise _BadSample(f"{what} has no readable image header: {_short(error)}") from None
 
 
+class _Stream:
+    """One worker's samples for one epoch, with a position that can be saved and restored.
+
+    Pipeline: shard sequence -> raw samples (``(draw, index)`` names each: the ``draw``-th shard
+    of the sequence, the ``index``-th sample in it) -> shuffle buffer of raw bytes -> decode ->
+    random flip. The position is plain data: shards started, samples taken from the current
+    one, the names of the samples in the shuffle buffer (and in the batcher's buckets), the
+    shuffle's RNG state and the flip generator's state. Restoring reads again the current shard
+    up to the position (undecoded) and the samples the buffer held; nothing else.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        epoch: int,
+        role: int,
+        roles: int,
+        position: dict[str, Any] | None,
+    ) -> None:
+        self.ds = dataset
+        self.epoch, self.role = epoch, role
+        self.seed = wds.utils.make_seed(dataset.seed, epoch, dataset.rank, role)
+        self.opener = dataset._opener()
+        self.urls = dataset._shard_sequence(epoch, role, roles)
+        self.started: list[str] = []  # the shards of the sequence drawn so far
+        self.taken = 0  # samples read from the current (last started) shard
+        self.barren = 0
+        self.buffer: list[tuple[int, int, dict[str, Any]]] = []
+        self.rng = random.Random(self.seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.yielded = 0  # decoded samples handed on this epoch
+        self.batches = 0  # batches handed on (the batcher counts)
+        self.buckets: dict[bool, list[tuple[tuple[int, int, bool], Sample]]] = {True: [], False: []}
+        self._current: Iterator[tuple[int, dict[str, Any]]] | None = None
+        if position is not None:
+            self._restore(position)
+
+    # -- reading --
+
+    def _shard_samples(self, url: str) -> Iterator[dict[str, Any]]:
+        members = _read_members([{"url": url}], self.opener, give_up_after=2)
+        return wds.tariterators.group_by_keys(members, handler=_warn_and_continue)
+
+    def _raw(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        give_up_after = max(16, 2 * len(self.ds.urls))
+        while True:
+            if self._current is None:
+                url = next(self.urls, None)
+                if url is None:
+                    return
+                self.started.append(url)
+                self.taken = 0
+                self._current = enumerate(self._shard_samples(url))
+            draw = len(self.started) - 1
+            produced = False
+            for index, raw in self._current:
+                self.taken = index + 1
+                produced = True
+                yield draw, index, raw
+            self._current = None
+            self.barren = 0 if produced else self.barren + 1
+            if self.barren >= give_up_after:
+                raise OistreamError(
+                    f"{self.barren} shards in a row had no readable sample "
+                    f"(last: {self.started[-1]})"
+                )
+
+    def _shuffled(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """webdataset's shuffle (same buffer discipline), with its state kept on ``self``."""
+        source = self._raw()
+        size = self.ds.shuffle
+        if size <= 0:
+            yield from source
+            return
+        initial = min(100, size)
+        for item in source:
+            self.buffer.append(item)
+            if len(self.buffer) < size:
+                extra = next(source, None)
+                if extra is not None:
+                    self.buffer.append(extra)
+            if len(self.buffer) >= initial:
+                yield self._pick()
+        while self.buffer:
+            yield self._pick()
+
+    def _pick(self) -> tuple[int, int, dict[str, Any]]:
+        k = self.rng.randint(0, len(self.buffer) - 1)
+        item = self.buffer[k]
+        self.buffer[k] = self.buffer[-1]
+        self.buffer.pop()
+        return item
+
+    def samples(self) -> Iterator[tuple[tuple[int, int, bool], Sample]]:
+        """``((draw, index, flipped), sample)`` for each sample that decodes."""
+        for draw, index, raw in self._shuffled():
+            sample = self.ds._decode_sample(raw)
+            if sample is None:
+                continue
+            flipped = False
+            if self.ds.train:
+                flipped = bool(torch.rand((), generator=self.generator).item() < self.ds.flip.p)
+                if flipped:
+                    sample = hflip(*sample)
+            self.yielded += 1
+            yield (draw, index, flipped), sample
+
+    # -- position --
+
+    def position(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "role": self.role,
+            "epoch": self.epoch,
+            "shards": len(self.started),
+            "taken": self.taken,
+            "buffer": [[draw, index] for draw, index, _ in self.buffer],
+            "rng": [version, list(internal), gauss],
+            "flip": self.generator.get_state(),
+            "yielded": self.yielded,
+            "batches": self.batches,
+            "buckets": {
+                name: [list(ident) for ident, _ in self.buckets[wide]]
+                for name, wide in (("wide", True), ("tall", False))
+            },
+        }
+
+    def _restore(self, position: dict[str, Any]) -> None:
+        count = int(position["shards"])
+        self.started = list(itertools.islice(self.urls, count))
+        if len(self.started) != count:
+            raise ValueError("the loader position lies past the end of its shard sequence")
+        self.taken = int(position["taken"])
+        bucketed = {
+            wide: [tuple(ident) for ident in position["buckets"][name]]
+            for name, wide in (("wide", True), ("tall", False))
+        }
+        wanted: dict[int, set[int]] = {}
+        names = [(int(d), int(i)) for d, i in position["buffer"]]
+        names += [(int(ident[0]), int(ident[1])) for ids in bucketed.values() for ident in ids]
+        for draw, index in names:
+            wanted.setdefault(draw, set()).add(index)
+        found: dict[tuple[int, int], dict[str, Any]] = {}
+        current = count - 1
+        # A resampled sequence draws the same shard again and again: read each one once.
+        by_url: dict[str, dict[int, list[int]]] = {}
+        for draw in sorted(wanted):
+            if draw != current:
+                for index in wanted[draw]:
+                    by_url.setdefault(self.started[draw], {}).setdefault(index, []).append(draw)
+        for url, indices in by_url.items():
+            last = max(indices)
+            for index, raw in enumerate(self._shard_samples(url)):
+                for draw in indices.get(index, ()):
+                    found[(draw, index)] = raw
+                if index >= last:
+                    break
+        if current >= 0:
+            # Skip the current shard's samples up to the position (undecoded), then read on.
+            samples = enumerate(self._shard_samples(self.started[current]))
+            if self.taken > 0:
+                for index, raw in samples:
+                    if index in wanted.get(current, ()):
+                        found[(current, index)] = raw
+                    if index + 1 >= self.taken:
+                        break
+            self._current = samples
+        missing = [name for name in names if name not in found]
+        if missing:
+            _warn(f"{len(missing)} samples of the saved position could not be read again")
+        self.buffer = [
+            (d, i, found[(d, i)]) for d, i in names[: len(position["buffer"])] if (d, i) in found
+        ]
+        version, internal, gauss = position["rng"]
+        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        self.generator.set_state(position["flip"])
+        self.yielded = int(position["yielded"])
+        self.batches = int(position["batches"])
+        for wide, idents in bucketed.items():
+            for draw, index, flipped in idents:
+                if (draw, index) not in found:
+                    continue
+                sample = self.ds._decode_sample(found[(draw, index)])
+                if sample is not None:
+                    self.buckets[wide].append(
+                        ((draw, index, bool(flipped)), hflip(*sample) if flipped else sample)
+                    )
+
+
 def _mask_areas(planes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Pixels per mask, float32 [N]. Counted inside each tight box only: every pixel lies in
     it, and the box is usually a small part of the image (25x less work than whole planes)."""
@@ -643,15 +1018,32 @@ class _BatchedShards(IterableDataset):
             raise TypeError("a one-pass ShardDataset has no fixed number of batches")
         return count
 
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[Target]]]:
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[Target], dict[str, Any]]]:
+        """``(images, targets, position)``: the position is this worker's after the batch."""
         count = self.batches_per_rank()
-        if count is None:
-            yield from _batches(self.dataset, self.batch_size, self.group_by_aspect, flush=True)
-            return
         _, _, worker, num_workers = wds.utils.pytorch_worker_info()
-        samples = self.dataset._iter_samples(endless=True)
-        batches = _batches(samples, self.batch_size, self.group_by_aspect, flush=False)
-        yield from itertools.islice(batches, _share(count, worker, num_workers))
+        if count is None:
+            for images, targets in _batches(
+                self.dataset, self.batch_size, self.group_by_aspect, flush=True
+            ):
+                yield images, targets, {}
+            return
+        stream = self.dataset._stream(worker, num_workers, offset_from_resume=True)
+        remaining = _share(count, stream.role, num_workers) - stream.batches
+        buckets = stream.buckets
+        for ident, sample in stream.samples():
+            if remaining <= 0:
+                return
+            height, width = sample[1].get("image_size") or sample[0].shape[-2:]
+            bucket = buckets[bool(width >= height) or not self.group_by_aspect]
+            bucket.append((ident, sample))
+            if len(bucket) == self.batch_size:
+                images = [s[0] for _, s in bucket]
+                targets = [s[1] for _, s in bucket]
+                bucket.clear()
+                stream.batches += 1
+                remaining -= 1
+                yield images, targets, stream.position()
 
 
 def _keep_batch(batch: Any) -> Any:
@@ -664,6 +1056,79 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # Ctrl-C reaches the whole process group and a scheduler's SIGTERM may too: the main
+    # process decides when to stop (a trainer finishes its step first) and ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class ShardLoader(DataLoader):
+    """``make_loader``'s DataLoader: batches are ``(images, targets)``; its position can be
+    saved (``state_dict``) and restored (``load_state_dict``) to resume an epoch mid-way.
+
+    The state is plain data (ints, lists, one small tensor per worker), for ``torch.save``:
+    ``{"epoch", "batches" (taken this epoch), "num_workers", "workers": {role: position}}``,
+    each worker's position being the one after the last batch *taken from the loader* (not
+    the ones prefetched). Restoring needs the same dataset, batch size and number of workers;
+    the resumed epoch yields exactly the batches the interrupted one had left, in the same
+    order, and the work to seek is one shard plus the shuffle buffer's samples per worker.
+    """
+
+    def __init__(self, batched: _BatchedShards, **options: Any) -> None:
+        super().__init__(batched, **options)
+        self._position: dict[str, Any] = {"epoch": None, "batches": 0, "workers": {}}
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[Target]]]:  # type: ignore[override]
+        for images, targets, position in super().__iter__():
+            if position:
+                if position["epoch"] != self._position["epoch"]:
+                    self._position = {"epoch": position["epoch"], "batches": 0, "workers": {}}
+                self._position["workers"][int(position["role"])] = position
+                self._position["batches"] += 1
+            yield images, targets
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands (see the class); an epoch fully taken reads as the next
+        epoch's start."""
+        batched: _BatchedShards = self.dataset  # type: ignore[assignment]
+        workers = max(self.num_workers, 1)
+        state = self._position
+        if state["epoch"] is None:
+            return {
+                "epoch": batched.dataset._epoch + 1,
+                "batches": 0,
+                "workers": {},
+                "num_workers": workers,
+            }
+        total = batched.batches_per_rank()
+        if total is not None and state["batches"] >= total:
+            return {
+                "epoch": state["epoch"] + 1,
+                "batches": 0,
+                "workers": {},
+                "num_workers": workers,
+            }
+        return {**state, "workers": dict(state["workers"]), "num_workers": workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` on the next ``iter()`` (call it before the first one)."""
+        if getattr(self, "_iterator", None) is not None:
+            raise RuntimeError("load_state_dict must be called before the loader is iterated")
+        batched: _BatchedShards = self.dataset  # type: ignore[assignment]
+        if batched.batches_per_rank() is None and state.get("workers"):
+            raise ValueError("a one-pass loader (epoch_samples=None) cannot seek mid-epoch")
+        saved = int(state.get("num_workers", max(self.num_workers, 1)))
+        if state.get("workers") and saved != max(self.num_workers, 1):
+            raise ValueError(
+                f"the loader position was saved with {saved} workers, this loader has "
+                f"{max(self.num_workers, 1)}: use the same number of workers"
+            )
+        batched.dataset.load_state_dict(state)
+        self._position = {
+            "epoch": state["epoch"] if state.get("workers") else None,
+            "batches": int(state.get("batches", 0)),
+            "workers": {int(k): v for k, v in state.get("workers", {}).items()},
+        }
 
 
 def make_loader(
@@ -672,13 +1137,15 @@ def make_loader(
     num_workers: int = 0,
     group_by_aspect: bool = True,
     **dataloader_kwargs: Any,
-) -> DataLoader:
+) -> ShardLoader:
     """A DataLoader yielding ``(list of images, list of targets)`` batches.
 
     Workers are forked (the default on Linux): safe with s3fs because the dataset holds no
     filesystem object and each worker opens its own (pass ``multiprocessing_context="spawn"``
     to choose otherwise). Workers persist across epochs so each epoch reshuffles differently.
-    In epoch mode ``len(loader)`` is the number of batches per rank.
+    In epoch mode ``len(loader)`` is the number of batches per rank, and the loader's
+    ``state_dict()`` / ``load_state_dict()`` save and restore its position mid-epoch (the
+    convention of torchdata's ``StatefulDataLoader``): see ``ShardLoader``.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -691,4 +1158,4 @@ def make_loader(
     if num_workers > 0:
         options["persistent_workers"] = True
     options.update(dataloader_kwargs)
-    return DataLoader(_BatchedShards(dataset, batch_size, group_by_aspect), **options)
+    return ShardLoader(_BatchedShards(dataset, batch_size, group_by_aspect), **options)

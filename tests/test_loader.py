@@ -421,3 +421,51 @@ def test_shards_from_the_writer_match_the_bucket(written_shards, fake_bucket):
         assert np.array_equal(target["boxes"].numpy(), boxes)
         assert target["labels"].tolist() == [class_of[instances[k]["label"]] for k in kept]
     assert count == len(records) == manifest["totals"]["samples"] > 0
+
+
+def _batch_keys(batches) -> list[tuple]:
+    """What a batch is, for equality: its keys, flips (via the boxes) and image bytes' sum."""
+    return [
+        tuple(
+            (t["image_key"], t["boxes"].sum().item(), int(i.sum())) for i, t in zip(*b, strict=True)
+        )
+        for b in batches
+    ]
+
+
+@pytest.mark.parametrize(("workers", "stop_at"), [(0, 3), (2, 3), (2, 4)])
+def test_a_loader_resumed_mid_epoch_yields_the_rest_of_the_epoch(shard_dir, workers, stop_at):
+    """state_dict() after k batches; a fresh loader given it yields exactly the batches the
+    uninterrupted loader yields after k, in order, with the same flips; and the epoch after."""
+
+    def fresh():
+        dataset = ShardDataset(shard_dir, epoch_samples=14, shuffle=5, seed=7)
+        return make_loader(dataset, batch_size=2, num_workers=workers)
+
+    whole = fresh()
+    first = _batch_keys(list(whole)) + _batch_keys(list(whole))  # epochs 0 and 1
+    interrupted = fresh()
+    taken = iter(interrupted)
+    for _ in range(stop_at):
+        next(taken)
+    state = interrupted.state_dict()
+    assert state["epoch"] == 0 and state["batches"] == stop_at
+    del taken, interrupted
+
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    rest = _batch_keys(list(resumed))
+    assert rest == first[stop_at:7]
+    assert _batch_keys(list(resumed)) == first[7:]  # the next epoch is the ordinary one
+
+
+def test_a_dataset_position_seeks_without_workers(shard_dir):
+    dataset = ShardDataset(shard_dir, shuffle=4, seed=3)
+    everything = keys_of(dataset)
+    again = ShardDataset(shard_dir, shuffle=4, seed=3)
+    stream = iter(again)
+    head = [next(stream)[1]["image_key"] for _ in range(5)]
+    state = again.state_dict()
+    resumed = ShardDataset(shard_dir, shuffle=4, seed=3)
+    resumed.load_state_dict(state)
+    assert head + keys_of(resumed) == everything

@@ -19,6 +19,7 @@ from shardfactory import classes_table, random_samples, write_shards
 from train import checkpoint as ckpt
 from train.cli import main
 from train.config import DEMO_DEFAULTS, parse_args
+from train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = [
@@ -51,6 +52,16 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
+
+
+def latest(out: Path) -> Path:
+    found = RunDir(str(out)).latest_checkpoint()
+    assert found is not None
+    return found[2]
+
+
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -80,8 +91,9 @@ def test_a_run_trains_evaluates_draws_and_checkpoints(shards: dict, tmp_path: Pa
     pictures = sorted((out / "predictions").glob("*.png"))
     assert len(pictures) == 3 and all(p.stat().st_size > 0 for p in pictures)
 
-    saved = ckpt.latest_checkpoint(out)
-    assert saved is not None and saved.name == "step-0000004.pt"
+    saved = latest(out)
+    assert saved.name == "step-0000004.pt"
+    assert json.loads((out / "args.json").read_text())["out"] == str(out)
     state = ckpt.load_checkpoint(saved)
     expected = {"model", "optimizer", "scheduler", "scaler", "step", "epoch", "rng", "args"}
     assert expected <= set(state)
@@ -98,8 +110,7 @@ def test_a_resumed_run_takes_the_same_next_step(shards: dict, tmp_path: Path) ->
     ]  # fmt: skip
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main([*common, "--out", str(whole)]) == 0
-    saved = sorted(p.name for p in (whole / "checkpoints").iterdir())
-    assert saved == ["step-0000003.pt", "step-0000004.pt"]
+    assert checkpoints(whole) == ["step-0000003.pt", "step-0000004.pt"]
     step3 = whole / "checkpoints" / "step-0000003.pt"
     assert main([*common, "--out", str(resumed), "--resume", str(step3)]) == 0
 
@@ -110,7 +121,7 @@ def test_a_resumed_run_takes_the_same_next_step(shards: dict, tmp_path: Path) ->
     assert loss[4] != pytest.approx(loss[3], rel=1e-3)  # the steps do differ
     # --resume auto finds the newest checkpoint; with no steps left the run ends at once.
     assert main([*common, "--out", str(resumed), "--resume", "auto", "--stop-after", "4"]) == 0
-    assert ckpt.latest_checkpoint(resumed).name == "step-0000004.pt"
+    assert latest(resumed).name == "step-0000004.pt"
 
 
 def test_missing_shards_end_in_one_line(capsys, tmp_path: Path) -> None:
@@ -164,7 +175,7 @@ def test_a_time_limit_stops_with_a_checkpoint_and_an_evaluation(shards, capsys, 
     limit = ["--time-limit-minutes", "0.0001", "--epochs", "5", "--steps-per-epoch", "2"]
     assert main([*args, *CHEAP, *limit, "--num-predictions", "0"]) == 0
     assert "stopped by the time limit at step 1" in capsys.readouterr().err
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001.pt"]
+    assert checkpoints(out) == ["step-0000001.pt"]
     assert json.loads((out / "eval.json").read_text())["step"] == 1
 
 

@@ -44,4 +44,7 @@ def test_two_gloo_ranks_on_uneven_shards_finish(tmp_path: Path) -> None:
     result = json.loads((out / "eval.json").read_text())
     assert result["images"] == 5  # 3 from rank 0 + 2 gathered from rank 1
     assert len(list((out / "predictions").glob("*.png"))) == 1
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-0000003.pt",
+        "step-0000003.pt.json",
+    ]

@@ -8,9 +8,7 @@ It is read with ``torch.load(weights_only=True)``: nothing in it runs code when 
 
 from __future__ import annotations
 
-import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +16,6 @@ import numpy as np
 import torch
 
 from .errors import TrainError
-
-_STEP_FILE = re.compile(r"step-(\d+)\.pt$")
-
-
-def checkpoint_dir(out: str | Path) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def checkpoint_path(out: str | Path, step: int) -> Path:
-    return checkpoint_dir(out) / f"step-{step:07d}.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,37 +50,11 @@ def _as_tuples(value: Any) -> Any:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    """``torch.save`` to a local staging path; ``RunDir.publish_checkpoint`` makes it visible."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    torch.save(state, path)
     return path
-
-
-def prune_checkpoints(out: str | Path, keep: int, protect: Path | None = None) -> None:
-    """Delete all but the newest ``keep`` periodic checkpoints (never ``protect``)."""
-    found = sorted(_step_checkpoints(out))
-    for _, path in found[: max(len(found) - keep, 0)]:
-        if protect is None or path != protect:
-            path.unlink(missing_ok=True)
-
-
-def _step_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
-    folder = checkpoint_dir(out)
-    if not folder.is_dir():
-        return []
-    return [
-        (int(match.group(1)), path)
-        for path in folder.iterdir()
-        if (match := _STEP_FILE.search(path.name))
-    ]
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    found = _step_checkpoints(out)
-    return max(found)[1] if found else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,22 +1,30 @@
 """``python -m train``: wires the command line, shards, model, engine and evaluation together.
 
-Outputs under ``--out``: ``checkpoints/step-NNNNNNN.pt``, ``metrics.jsonl`` (a line per logging
-window and per evaluation), ``eval.json`` (the latest evaluation and the history of its headline
-numbers) and ``predictions/*.png``.
+Outputs under ``--out`` (a local folder or any fsspec URL, every file published whole, see
+``rundir``): ``args.json`` (the command line), ``checkpoints/step-NNNNNNN.pt`` (+ ``.json``
+records), ``metrics.jsonl`` (a line per logging window and per evaluation), ``eval.json`` (the
+latest evaluation and the history of its headline numbers), ``predictions/*.png`` and, with
+``--tensorboard``, ``tensorboard/``.
+
+Failures are one line on stderr and a non-zero exit (``--debug`` adds the traceback); SIGTERM
+and SIGINT stop after the current step with a checkpoint (exit 143 / 130; a second signal ends
+the process at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from oistream import OistreamError
 
 from . import checkpoint as ckpt
 from .config import REFERENCE_BATCH, parse_args
@@ -29,39 +37,90 @@ from .data import (
     open_shards,
 )
 from .distributed import Ranks, any_rank, barrier, init_distributed, shutdown
-from .engine import RunOptions, Trainer, make_deterministic, seed_everything
-from .errors import TrainError
+from .engine import (
+    RunOptions,
+    StopRequest,
+    Trainer,
+    make_deterministic,
+    seed_everything,
+)
+from .errors import TrainError, one_line
 from .evaluate import evaluate
 from .model import Layout, build_model, layout_for, load_model_state
 from .precision import choose_precision
 from .predictions import PredictionPictures
+from .rundir import RunDir
 from .schedule import Schedule, default_milestones, default_warmup_steps
 
 PROG = "python -m train"
 
 
+_SIGNAL_EXIT = {"SIGTERM": 143, "SIGINT": 130}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)  # exits 2 with one line on a usage error
+    stop = StopRequest()
+    previous = _catch_signals(stop)
+    ranks = None
     try:
         ranks = init_distributed(args.device)
-    except (TrainError, ValueError, RuntimeError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-    try:
-        run(args, ranks)
-        return 0
-    except (TrainError, OistreamError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+        run(args, ranks, stop)
+        return _SIGNAL_EXIT.get(stop.signal or "", 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
     finally:
-        shutdown(ranks)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if ranks is not None:
+            shutdown(ranks)
 
 
-def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
+def _catch_signals(stop: StopRequest) -> dict[int, Any]:
+    """SIGTERM/SIGINT set ``stop`` (the loop checkpoints after the step); a second one ends
+    the process at once."""
+
+    def handler(number: int, frame: Any) -> None:
+        name = signal.Signals(number).name
+        if stop.requested:
+            print(f"{PROG}: second {name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + number)
+        stop.signal = name
+        print(
+            f"{PROG}: {name}: stopping after this step (again to exit now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {}
+    for number in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[number] = signal.signal(number, handler)
+        except ValueError:  # not the main thread (an embedding application): leave them
+            break
+    return previous
+
+
+def run(
+    args: argparse.Namespace, ranks: Ranks, stop: StopRequest | None = None
+) -> dict[str, Any] | None:
     """Train (or continue) and evaluate; returns the final evaluation on rank 0."""
+    out = RunDir(args.out, args.endpoint_url)
+    try:
+        return _run(args, ranks, stop, out)
+    finally:
+        out.close()
+
+
+def _run(
+    args: argparse.Namespace, ranks: Ranks, stop: StopRequest | None, out: RunDir
+) -> dict[str, Any] | None:
     started = time.monotonic()
     if args.deterministic:
         make_deterministic()
@@ -69,19 +128,19 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
     precision = choose_precision(args.amp, ranks.device)
     if args.gpu_decode:
         check_gpu_decode_supported(ranks.device)
-    out = Path(args.out)
+    tensorboard = _tensorboard_writer(args, ranks, out)
+    storage = {"endpoint_url": args.endpoint_url}
 
     # The manifest decides the classes; validation shards must agree with it.
-    probe = open_shards(args.train, shuffle=0, train=False)
+    probe = open_shards(args.train, shuffle=0, train=False, **storage)
     classes = describe_classes(probe.classes)
     num_classes = len(classes) - 1
     if num_classes < 1:
         raise TrainError(f"{args.train} lists no object classes")
     val = None
     if args.val:
-        val = open_shards(args.val, shuffle=0, train=False, resolve_occlusion=False)
-        if describe_classes(val.classes) != classes:
-            raise TrainError(f"{args.val} has other classes than {args.train}")
+        val = open_shards(args.val, shuffle=0, train=False, resolve_occlusion=False, **storage)
+        _check_same_classes(describe_classes(val.classes), classes, args.val, args.train)
 
     global_batch = args.batch_size * ranks.world_size
     steps_per_epoch = args.steps_per_epoch
@@ -95,8 +154,8 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
     resume_path, resume = _resume_state(args, out, classes)
     init_path, init = (None, None)
     if resume is None and args.weights not in ("coco", "none"):
-        init_path = Path(args.weights)
-        init = ckpt.load_checkpoint(init_path)
+        init_path = args.weights
+        init = ckpt.load_checkpoint(_local_weights(args.weights, args.endpoint_url))
         ckpt.check_classes(init, classes, init_path)
     layout = _layout(args, resume or init, resume_path or init_path)
     model = build_model(
@@ -148,14 +207,21 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
         # model to predict visible parts and cap mask IoU on every overlapped object.
         resolve_occlusion=args.train_masks == "visible",
         decode_images=not args.gpu_decode,
+        shard_cache=args.shard_cache,
+        shard_cache_bytes=args.shard_cache_size,
+        **storage,
     )
     # Persistent workers copy the dataset once and advance its epoch themselves, so the
     # starting epoch is set before they start (it matters when resuming).
     train_set.set_epoch(trainer.step // steps_per_epoch)
     loader = make_batches(train_set, args.batch_size, args.workers, device=ranks.device)
+    if resume is not None:
+        _seek_loader(loader, resume, trainer, ranks, steps_per_epoch)
 
     if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        out.prepare()
+        out.publish_bytes("args.json", json.dumps(vars(args), indent=1, default=str).encode())
+        out.resume_metrics(trainer.step if resume is not None else None)
         _announce(args, ranks, classes, schedule, precision.name, layout, resume_path)
     extra_state = {
         "args": vars(args),
@@ -167,7 +233,11 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
         seed=args.seed,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_every_s=args.checkpoint_every_s,
         keep_checkpoints=args.keep_checkpoints,
+        stop=stop,
+        data_state=loader.state_dict,
+        on_log=tensorboard.log if tensorboard is not None else None,
         stop_after=args.stop_after,
         time_limit_s=None if args.time_limit_minutes is None else args.time_limit_minutes * 60,
         progress=not args.no_progress,
@@ -191,15 +261,22 @@ def run(args: argparse.Namespace, ranks: Ranks) -> dict[str, Any] | None:
         result = evaluate_now(epochs_done)
         return any_rank(_reached(result, args.stop_at_map), ranks)
 
-    trainer.fit(lambda epoch: device_batches(loader, ranks.device), options, after_epoch)
-    # Evaluate at the end and when time ran out, not after an interruption (--stop-after).
-    result = None
-    ended = trainer.stop_reason in (None, "time limit")
-    if val is not None and ended and trainer.step not in evaluated_at:
-        result = evaluate_now(trainer.step // steps_per_epoch)
+    try:
+        trainer.fit(lambda epoch: device_batches(loader, ranks.device), options, after_epoch)
+        # Evaluate at the end and when time ran out, not after an interruption (--stop-after,
+        # a signal).
+        result = None
+        ended = trainer.stop_reason in (None, "time limit")
+        if val is not None and ended and trainer.step not in evaluated_at:
+            result = evaluate_now(trainer.step // steps_per_epoch)
+    finally:
+        if ranks.is_main:
+            out.flush_metrics(force=True)
+        if tensorboard is not None:
+            tensorboard.close(out)
     barrier(ranks)
     if ranks.is_main:
-        _farewell(out, trainer.stop_reason, trainer.step, history)
+        _farewell(out, trainer.stop_reason, trainer.step, history, stop)
     return result
 
 
@@ -211,25 +288,91 @@ def _reached(result: dict[str, Any] | None, target: float | None) -> bool:
 
 
 def _resume_state(
-    args: argparse.Namespace, out: Path, classes: list[dict[str, Any]]
-) -> tuple[Path | None, dict[str, Any] | None]:
+    args: argparse.Namespace, out: RunDir, classes: list[dict[str, Any]]
+) -> tuple[str | None, dict[str, Any] | None]:
     if args.resume is None:
         return None, None
     if args.resume == "auto":
-        path = ckpt.latest_checkpoint(out)
-        if path is None:
+        found = out.latest_checkpoint()
+        if found is None:
             return None, None  # nothing to continue: start afresh
+        _, where, path = found
     else:
-        path = Path(args.resume)
+        where, path = args.resume, _local_weights(args.resume, args.endpoint_url)
     state = ckpt.load_checkpoint(path)
-    ckpt.check_classes(state, classes, path)
+    if args.resume == "auto" and out.remote:
+        path.unlink(missing_ok=True)  # the staged download; the state is in memory
+    ckpt.check_classes(state, classes, where)
     for key in ("model", "optimizer", "scheduler", "step", "rng", "layout"):
         if key not in state:
-            raise TrainError(f"{path} is not a training checkpoint (it has no {key!r})")
-    return path, state
+            raise TrainError(f"{where} is not a training checkpoint (it has no {key!r})")
+    return where, state
 
 
-def _layout(args: argparse.Namespace, state: dict[str, Any] | None, path: Path | None) -> Layout:
+def _local_weights(location: str, endpoint_url: str | None) -> Path:
+    """A checkpoint given by path or URL, as a local file (downloaded to a temporary one)."""
+    if "://" not in location or location.startswith("file://"):
+        return Path(location.removeprefix("file://"))
+    import tempfile
+
+    from oistream import sources
+
+    fs, path = sources.filesystem(location, sources.storage_options(location, endpoint_url))
+    handle, local = tempfile.mkstemp(suffix=".pt", prefix="oistream-weights-")
+    os.close(handle)
+    fs.get_file(path, local)
+    return Path(local)
+
+
+def _seek_loader(
+    loader: Any, state: dict[str, Any], trainer: Trainer, ranks: Ranks, steps_per_epoch: int
+) -> None:
+    """Give the loader this rank's saved position, so the resumed epoch is not replayed;
+    without a usable one (an older checkpoint, other workers or ranks) the engine replays."""
+    data = state.get("data")
+    if not isinstance(data, list) or len(data) != ranks.world_size:
+        return
+    position = data[ranks.rank]
+    epoch, batches = divmod(trainer.step, steps_per_epoch)
+    if not isinstance(position, dict) or (position.get("epoch"), position.get("batches")) != (
+        epoch,
+        batches,
+    ):
+        return
+    try:
+        loader.load_state_dict(position)
+    except ValueError as error:
+        if ranks.is_main:
+            print(f"{PROG}: replaying the epoch's start: {error}", file=sys.stderr)
+        return
+    trainer.positioned_at = trainer.step
+
+
+def _check_same_classes(
+    theirs: list[dict[str, Any]], ours: list[dict[str, Any]], their_source: str, our_source: str
+) -> None:
+    """Validation shards must have the training shards' classes, in the same order."""
+    if theirs == ours:
+        return
+    names = [c["name"] for c in ours[1:]]
+    other = [c["name"] for c in theirs[1:]]
+    missing = [n for n in names if n not in other]
+    extra = [n for n in other if n not in names]
+    if missing or extra:
+        detail = (
+            f"only in {our_source}: {missing or 'none'}; only in {their_source}: {extra or 'none'}"
+        )
+    else:
+        moved = [
+            f"{i + 1}: {a} vs {b}"
+            for i, (a, b) in enumerate(zip(names, other, strict=True))
+            if a != b
+        ]
+        detail = "same names in another order (index " + ", ".join(moved[:5]) + ")"
+    raise TrainError(f"{their_source} has other classes than {our_source}: {detail}")
+
+
+def _layout(args: argparse.Namespace, state: dict[str, Any] | None, path: Any) -> Layout:
     """The checkpoint's layout if one is loaded (it must agree with --model), else the flags'."""
     if state is None or "layout" not in state:
         weights = args.weights if args.weights in ("coco", "none") else "none"
@@ -247,7 +390,7 @@ def _evaluate(
     val: Any,
     classes: list[dict[str, Any]],
     precision: Any,
-    out: Path,
+    out: RunDir,
     epoch: int,
     history: list[dict[str, Any]],
     minutes: float,
@@ -265,7 +408,9 @@ def _evaluate(
     pictures = None
     if ranks.is_main and args.num_predictions:
         pictures = PredictionPictures(
-            out / "predictions", class_names(classes), args.num_predictions
+            out.staging("predictions/.staging/picture").parent,
+            class_names(classes),
+            args.num_predictions,
         )
     result = evaluate(
         trainer.model,
@@ -289,10 +434,15 @@ def _evaluate(
     }
     history.append(headline)
     result["history"] = history
-    result["predictions"] = [str(p) for p in (pictures.written if pictures else [])]
-    (out / "eval.json").write_text(json.dumps(_json_safe(result), indent=1))
-    with (out / "metrics.jsonl").open("a") as stream:
-        stream.write(json.dumps(_json_safe({"eval": headline})) + "\n")
+    result["predictions"] = [
+        out.publish(path, f"predictions/{path.name}")
+        for path in (pictures.written if pictures else [])
+    ]
+    if pictures is not None:
+        with contextlib.suppress(OSError):
+            pictures.folder.rmdir()  # the emptied staging folder of a local run
+    out.publish_bytes("eval.json", json.dumps(_json_safe(result), indent=1).encode())
+    out.log(_json_safe({"eval": headline}), force=True)
     tqdm.write(
         f"step {trainer.step}: mask mAP@0.5 {headline['mask_mAP@0.5']:.3f}, "
         f"COCO mask AP {headline['coco_mask_AP']:.3f}, box AP {headline['coco_box_AP']:.3f} "
@@ -313,10 +463,10 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _previous_history(out: Path) -> list[dict[str, Any]]:
+def _previous_history(out: RunDir) -> list[dict[str, Any]]:
     try:
-        return list(json.loads((out / "eval.json").read_text()).get("history", []))
-    except (OSError, ValueError):
+        return list(json.loads(out.read_bytes("eval.json") or b"{}").get("history", []))
+    except (OSError, ValueError, AttributeError):
         return []
 
 
@@ -331,7 +481,7 @@ def _announce(
     schedule: Schedule,
     precision: str,
     layout: Layout,
-    resume_path: Path | None,
+    resume_path: str | None,
 ) -> None:
     names = ", ".join(c["name"] for c in classes[1:])
     start = f"resuming {resume_path}" if resume_path else f"weights {args.weights}"
@@ -345,20 +495,68 @@ def _announce(
     )
 
 
-def _farewell(out: Path, stop_reason: str | None, step: int, history: list[dict[str, Any]]) -> None:
+def _farewell(
+    out: RunDir,
+    stop_reason: str | None,
+    step: int,
+    history: list[dict[str, Any]],
+    stop: StopRequest | None = None,
+) -> None:
+    if stop_reason == "signal" and stop is not None:
+        print(
+            f"stopped by {stop.signal} at step {step}; resume with --resume auto", file=sys.stderr
+        )
+        return
     state = {
         None: "finished",
         "time limit": f"stopped by the time limit at step {step}",
         "after_epoch": f"reached the target mAP at step {step}",
         "stop_after": f"stopped at step {step} (continue with --resume auto)",
     }[stop_reason]
-    lines = [f"training {state}", f"  checkpoints: {out / 'checkpoints'}"]
-    lines.append(f"  metrics:     {out / 'metrics.jsonl'}")
+    lines = [f"training {state}", f"  checkpoints: {out.join('checkpoints')}"]
+    lines.append(f"  metrics:     {out.join('metrics.jsonl')}")
     if history:
         last = history[-1]
         lines.append(
-            f"  evaluation:  {out / 'eval.json'} (step {last['step']}: mask mAP@0.5 "
+            f"  evaluation:  {out.join('eval.json')} (step {last['step']}: mask mAP@0.5 "
             f"{last['mask_mAP@0.5']:.3f}, COCO mask AP {last['coco_mask_AP']:.3f})"
         )
-        lines.append(f"  pictures:    {out / 'predictions'}")
+        lines.append(f"  pictures:    {out.join('predictions')}")
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+class _TensorBoard:
+    """``--tensorboard``: event files written locally, published into OUT/tensorboard."""
+
+    def __init__(self, writer: Any, folder: Path) -> None:
+        self.writer, self.folder = writer, folder
+
+    def log(self, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name not in ("step", "epoch") and isinstance(value, int | float):
+                self.writer.add_scalar(f"train/{name}", value, record["step"])
+
+    def close(self, out: RunDir) -> None:
+        self.writer.close()
+        for path in sorted(self.folder.iterdir()):
+            if out.remote:
+                out.publish(path, f"tensorboard/{path.name}")
+
+
+def _tensorboard_writer(args: argparse.Namespace, ranks: Ranks, out: RunDir) -> _TensorBoard | None:
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or pip install 'oistream[tensorboard]')"
+        ) from None
+    if not ranks.is_main:
+        return None
+    folder = (
+        Path(out.root) / "tensorboard" if not out.remote else out.staging("tensorboard/x").parent
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return _TensorBoard(SummaryWriter(log_dir=str(folder)), folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 
 # torchvision's reference recipe: lr 0.02 for 16 images per step (8 GPUs x 2 images).
@@ -192,14 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)"
     )
-    run.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps")
     run.add_argument(
-        "--keep-checkpoints", type=int, default=2, help="periodic checkpoints kept on disk"
+        "--checkpoint-every",
+        type=_interval,
+        default="500",
+        help="checkpoint every N steps, or every N minutes/seconds/hours with 10m, 90s, 1h",
+    )
+    run.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        help="checkpoints kept in OUT (older ones deleted once a newer one is published)",
     )
     run.add_argument(
         "--resume",
         default=None,
-        help="a checkpoint to continue from, or 'auto' for the newest in OUT/checkpoints",
+        help="a checkpoint to continue from, or 'auto': the newest verified one in "
+        "OUT/checkpoints (a fresh start if there is none)",
     )
     run.add_argument(
         "--stop-after",
@@ -231,7 +241,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-predictions", type=int, default=4, help="validation pictures drawn at each eval"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to OUT/tensorboard (pip install tensorboard)",
+    )
+    run.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    storage = parser.add_argument_group("storage")
+    storage.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="S3 endpoint for s3:// shards and --out (default: $FSSPEC_S3_ENDPOINT_URL or "
+        "$AWS_ENDPOINT_URL), as for `oistream shard`",
+    )
+    storage.add_argument(
+        "--shard-cache",
+        default=None,
+        metavar="DIR",
+        help="keep verified copies of remote shards here; later epochs read them locally",
+    )
+    storage.add_argument(
+        "--shard-cache-size",
+        type=_byte_size,
+        default=None,
+        metavar="SIZE",
+        help="bound the shard cache (e.g. 50G, 800M); least recently used shards go first",
+    )
     return parser
+
+
+_INTERVAL = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT]?)i?B?", re.IGNORECASE)
+
+
+def _interval(text: str) -> tuple[int | None, float | None]:
+    """``--checkpoint-every``: ``500`` -> (500 steps, None); ``10m`` -> (None, 600 s)."""
+    match = _INTERVAL.fullmatch(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps or 10m, 90s, 1h")
+    number, unit = match.groups()
+    if not unit:
+        if "." in number:
+            raise argparse.ArgumentTypeError(f"{text!r}: steps are a whole number")
+        return int(number), None
+    return None, float(number) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def _byte_size(text: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 50G or 800M")
+    number, unit = match.groups()
+    scale = 1024 ** ("KMGT".find(unit.upper()) + 1) if unit else 1
+    return int(float(number) * scale)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -246,7 +308,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "epochs",
         "batch_size",
         "log_every",
-        "checkpoint_every",
         "rpn_samples",
         "roi_samples",
         "test_proposals",
@@ -266,4 +327,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--lr must be positive")
     if args.lr_steps is not None and any(e < 1 or e > args.epochs for e in args.lr_steps):
         parser.error(f"--steps must be epochs between 1 and --epochs ({args.epochs})")
+    args.checkpoint_every, args.checkpoint_every_s = args.checkpoint_every
+    if args.keep_checkpoints < 1:
+        parser.error("--keep-checkpoints must be at least 1")
     return args

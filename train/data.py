@@ -9,9 +9,9 @@ import torch
 import torchvision
 
 import oistream
-from oistream import OistreamError, torchvision_decoders_unwarned
+from oistream import torchvision_decoders_unwarned
 
-from .errors import TrainError
+from .errors import TrainError, one_line
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 _TARGET_TENSORS = ("boxes", "labels", "masks")
@@ -21,8 +21,8 @@ def open_shards(source: str | Sequence[str], **options: Any) -> oistream.ShardDa
     """``oistream.ShardDataset(source, **options)``, its failures as one ``TrainError`` line."""
     try:
         return oistream.ShardDataset(source, **options)
-    except (OistreamError, OSError, ValueError) as error:
-        raise TrainError(f"cannot open shards {source}: {error}") from None
+    except Exception as error:  # botocore, aiohttp, OSError...: all mean this source
+        raise TrainError(f"cannot open shards {source}: {one_line(error)}") from None
 
 
 def describe_classes(classes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

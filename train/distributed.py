@@ -101,3 +101,13 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def any_ranks(flags: list[bool], ranks: Ranks) -> list[bool]:
+    """Each flag True on every rank if it is True on any: one all-reduce for all of them."""
+    if not ranks.distributed:
+        return list(flags)
+    device = ranks.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in values.tolist()]

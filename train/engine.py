@@ -5,9 +5,15 @@ the device; the engine knows nothing of shards, which keeps it testable with in-
 
 Reproducibility: before each epoch's iterator is created the RNGs are seeded from
 ``(seed, rank, epoch)`` (DataLoader workers draw their seeds then), and before each step from
-``(seed, rank, step)``. A run resumed at step ``s`` rebuilds epoch ``s // steps_per_epoch``'s
-stream, skips the batches already trained on and continues with exactly the RNG state the
-uninterrupted run had: with ``--deterministic`` the next-step loss is the same.
+``(seed, rank, step)``. A run resumed at step ``s`` continues epoch ``s // steps_per_epoch``
+where it stood: the loader seeks to the position saved in the checkpoint (``positioned_at``),
+or, for data without a saved position, the engine replays the batches already trained on.
+Either way the next step has exactly the RNG state the uninterrupted run had: with
+``--deterministic`` the next-step loss is the same.
+
+Preemption: ``RunOptions.stop`` (set by a signal handler) is checked after every step; all
+ranks agree on it through one all-reduce per step, so every rank stops after the same step,
+checkpoints and returns with ``stop_reason == "signal"``.
 """
 
 from __future__ import annotations
@@ -17,8 +23,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,12 +31,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import Ranks, average_scalars
+from .distributed import Ranks, any_ranks, average_scalars, gather_to_main
 from .errors import TrainError
-from .metrics import LossWindow, MetricsLog, all_finite
+from .metrics import LossWindow, all_finite
 from .model import load_model_state
 from .precision import Precision
 from .schedule import Schedule, build_scheduler
+
+if TYPE_CHECKING:
+    from .rundir import RunDir
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 
@@ -53,13 +61,28 @@ def make_deterministic() -> None:
     torch.backends.cudnn.deterministic = True
 
 
+class StopRequest:
+    """Set by a signal handler (``signal`` names it); the loop stops after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
 @dataclass
 class RunOptions:
-    out: Path
+    out: RunDir
     seed: int = 0
     log_every: int = 20
-    checkpoint_every: int = 500
+    checkpoint_every: int | None = 500  # steps (None: by time only)
+    checkpoint_every_s: float | None = None  # seconds of training between checkpoints
     keep_checkpoints: int = 2
+    stop: StopRequest | None = None
+    data_state: Callable[[], Any] | None = None  # the loader's position, saved per rank
+    on_log: Callable[[dict[str, Any]], None] | None = None  # e.g. TensorBoard (rank 0)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total
     time_limit_s: float | None = None  # stop (with a checkpoint) after this much training time
     progress: bool = True
@@ -103,6 +126,9 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.stop_reason: str | None = None  # why the last fit ended early
         self.last_lr = schedule.lr
+        # The step at which the data stream is already positioned (a loader that was given
+        # the checkpoint's position): that epoch is not replayed.
+        self.positioned_at: int | None = None
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -150,15 +176,24 @@ class Trainer:
         self.step = int(state["step"])
         ckpt.set_rng_state(state["rng"])
 
-    def save(self, options: RunOptions) -> Path | None:
-        """Rank 0 writes ``OUT/checkpoints/step-NNNNNNN.pt`` and prunes old ones."""
+    def save(self, options: RunOptions) -> str | None:
+        """Rank 0 publishes ``OUT/checkpoints/step-NNNNNNN.pt`` (with every rank's loader
+        position) after the metrics logged so far, then prunes old ones. Every rank calls it."""
+        data = None
+        if options.data_state is not None:
+            data = gather_to_main(options.data_state(), self.ranks)
         if not self.ranks.is_main:
             return None
-        path = ckpt.save_checkpoint(
-            self.state_dict(options.extra_state), ckpt.checkpoint_path(options.out, self.step)
-        )
-        ckpt.prune_checkpoints(options.out, options.keep_checkpoints, protect=path)
-        return path
+        out = options.out
+        out.flush_metrics(force=True)  # no line logged before this checkpoint can be lost
+        state = self.state_dict(options.extra_state)
+        if data is not None:
+            state["data"] = data
+        staged = out.staging(out.checkpoint_name(self.step))
+        ckpt.save_checkpoint(state, staged)
+        where = out.publish_checkpoint(staged, self.step)
+        out.prune_checkpoints(options.keep_checkpoints, newest=self.step)
+        return where
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -175,7 +210,6 @@ class Trainer:
         every rank); ``self.stop_reason`` then says which. A checkpoint is written either way.
         """
         sched = self.schedule
-        metrics = MetricsLog(options.out / "metrics.jsonl" if self.ranks.is_main else None)
         records: list[dict[str, Any]] = []
         end = sched.total_steps
         if options.stop_after is not None:
@@ -191,6 +225,7 @@ class Trainer:
         )
         window = LossWindow()
         last_saved = -1
+        saved_at = time.monotonic()
         try:
             while self.step < end and self.stop_reason is None:
                 epoch = self.step // sched.steps_per_epoch
@@ -201,6 +236,10 @@ class Trainer:
                     waited = time.perf_counter()
                     images, targets = next(batches)
                     waited = time.perf_counter() - waited
+                    # Again after the fetch: starting a DataLoader iterator draws from the
+                    # global RNG, which a resumed run does at another step than the
+                    # uninterrupted one; the step's own draws must not depend on that.
+                    self._seed_step(options.seed, self.step)
                     losses = self.train_step(images, targets)
                     window.add(losses, len(images), waited)
                     bar.update(1)
@@ -210,16 +249,31 @@ class Trainer:
                     )
                     if self.step % options.log_every == 0 or self.step == end:
                         record, time_up = self._log(window, epoch, bar, time_up)
-                        metrics.write(record)
+                        if self.ranks.is_main:
+                            options.out.log(record)
+                            if options.on_log is not None:
+                                options.on_log(record)
                         records.append(record)
                         window = LossWindow()
                     elif self.ranks.distributed:
                         # Ranks agree on stopping only where they meet: at logging steps.
                         time_up = False
-                    if self.step % options.checkpoint_every == 0:
+                    # A signal or the checkpoint clock: one all-reduce so all ranks agree.
+                    signalled = options.stop is not None and options.stop.requested
+                    clock_due = (
+                        options.checkpoint_every_s is not None
+                        and time.monotonic() - saved_at >= options.checkpoint_every_s
+                    )
+                    signalled, clock_due = any_ranks([signalled, clock_due], self.ranks)
+                    step_due = bool(
+                        options.checkpoint_every and self.step % options.checkpoint_every == 0
+                    )
+                    if step_due or clock_due or signalled:
                         self.save(options)
-                        last_saved = self.step
-                    if time_up:
+                        last_saved, saved_at = self.step, time.monotonic()
+                    if signalled:
+                        self.stop_reason = "signal"
+                    elif time_up:
                         self.stop_reason = "time limit"
                 if (
                     self.step % sched.steps_per_epoch == 0
@@ -245,7 +299,10 @@ class Trainer:
         """
         seed_everything(seed, self.ranks.rank, 0, epoch)
         stream = _repeat(batches_for_epoch, epoch)
-        # Resuming mid-epoch: replay the batches already trained on (the loader cannot seek),
+        positioned, self.positioned_at = self.positioned_at == self.step, None
+        if positioned:
+            return stream  # the loader seeks to the checkpoint's position itself
+        # Resuming mid-epoch without a saved position: replay the batches already trained on,
         # each drawn under the seed its step had, as a loader without workers draws from it.
         for step in range(epoch * self.schedule.steps_per_epoch, self.step):
             self._seed_step(seed, step)

@@ -1,12 +1,9 @@
-"""Training metrics: per-window loss averages and timing, appended to OUT/metrics.jsonl."""
+"""Training metrics: per-window loss averages and timing (``RunDir.log`` writes them)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -50,18 +47,3 @@ class LossWindow:
 
 def all_finite(values: dict[str, float]) -> bool:
     return all(math.isfinite(v) for v in values.values())
-
-
-class MetricsLog:
-    """JSON lines, one object per record; only rank 0 writes (others get ``path=None``)."""
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = Path(path) if path is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with self.path.open("a") as stream:
-            stream.write(json.dumps(record, sort_keys=True) + "\n")
