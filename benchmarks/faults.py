@@ -275,14 +275,17 @@ def _garbage_shard(work: Path, bucket: Path, timeout: float, expected: int, run_
 
 _LOADER_CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time, warnings
+    import json, sys, time, warnings
     import oistream.loader as loader
+    def peak_rss():  # VmHWM: ru_maxrss would carry over the parent's peak through fork
+        status = open("/proc/self/status").read()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", loader.ShardWarning)
         samples = sum(1 for _ in loader.ShardDataset(sys.argv[1], shuffle=0, train=False))
     print(json.dumps({"samples": samples, "seconds": time.perf_counter() - started,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": peak_rss()}))
     """
 )
 

@@ -51,6 +51,9 @@ def read_in_child(folder: Path) -> dict:
         f"""
         import json, resource, warnings
         import oistream.loader as loader
+        def peak_rss():  # VmHWM: ru_maxrss would carry over the parent's peak through fork
+            status = open("/proc/self/status").read()
+            return int(status.split("VmHWM:")[1].split()[0]) * 1024
         peak_vm = int(open("/proc/self/status").read().split("VmPeak:")[1].split()[0]) * 1024
         limit = peak_vm + {_HEADROOM}
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -61,7 +64,7 @@ def read_in_child(folder: Path) -> dict:
         print(json.dumps({{"keys": keys,
                           "warnings": [str(w.message) for w in caught
                                        if issubclass(w.category, loader.ShardWarning)],
-                          "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+                          "peak_rss": peak_rss()}}))
         """
     )
     done = subprocess.run(

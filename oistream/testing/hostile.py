@@ -169,10 +169,12 @@ def run_child(argv: list[str], address_space: int | None = None, timeout: float 
             "import resource; "
             f"resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space})); "
         )
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of a big
+    # parent (a test session with torch loaded) would report the parent's peak as its own.
     script = (
         f"import sys, resource; {limit}from oistream.cli import main; code = main(sys.argv[1:]); "
-        "sys.stderr.write('\\nPEAK_RSS_KB %d\\n' % "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+        "sys.stderr.write('\\nPEAK_RSS_KB %s\\n' % "
+        "open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(code)"
     )
     started = time.perf_counter()
     try:
