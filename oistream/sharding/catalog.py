@@ -73,6 +73,12 @@ MAX_FIELD_BYTES = {
     **dict.fromkeys(("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"), 32),
 }
 _CLICKS_RE = re.compile(_CLICKS_PATTERN)
+# The published form of one click and its separator: 9 a digit, t the flag 0 or 1.
+_TRIPLE = b"9.99999 9.99999 t;"
+_TRIPLE_BYTES = np.frombuffer(_TRIPLE, dtype=np.uint8)
+_TRIPLE_DIGIT = ord("9") == _TRIPLE_BYTES
+_TRIPLE_BINARY = ord("t") == _TRIPLE_BYTES
+_CLICKS_ROWS_PER_STEP = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,6 +647,35 @@ def _repeated(constant: bytes, n: int) -> np.ndarray:
     return np.broadcast_to(np.frombuffer(constant, dtype=np.uint8), (n, len(constant)))
 
 
+def _published_clicks(lines: _Lines, candidates: np.ndarray) -> np.ndarray:
+    """Which Clicks fields are in the published form: ``d.ddddd d.ddddd t`` triples joined by ``;``.
+
+    That form is a subset of what the clicks pattern accepts, so a row passing here is valid;
+    a row failing here may still be valid and is left to the pattern.
+    """
+    start, stop = lines.field_bounds(candidates, len(COLUMNS) - 1)
+    lengths = stop - start
+    ok = (lengths % len(_TRIPLE) == len(_TRIPLE) - 1) & (lengths > 0)
+    for first in range(0, len(candidates), _CLICKS_ROWS_PER_STEP):  # bounds the temporaries
+        rows = np.flatnonzero(ok[first : first + _CLICKS_ROWS_PER_STEP]) + first
+        if not len(rows):
+            continue
+        # The fields' bytes end to end, and each byte's place within its field.
+        offsets = np.concatenate(([0], np.cumsum(lengths[rows])))
+        place = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths[rows])
+        values = lines.data[np.repeat(start[rows], lengths[rows]) + place]
+        phase = place % len(_TRIPLE)
+        digit = (values >= ord("0")) & (values <= ord("9"))
+        binary = (values == ord("0")) | (values == ord("1"))
+        good = np.where(
+            _TRIPLE_DIGIT[phase],
+            digit,
+            np.where(_TRIPLE_BINARY[phase], binary, values == _TRIPLE_BYTES[phase]),
+        )
+        ok[rows] = np.logical_and.reduceat(good, offsets[:-1])
+    return ok
+
+
 def _parse_and_check_values(
     lines: _Lines, candidates: np.ndarray
 ) -> tuple[pd.DataFrame, list[_Check]]:
@@ -658,7 +693,11 @@ def _parse_and_check_values(
             & (box["BoxYMin"] <= box["BoxYMax"])
             & (box["BoxYMax"] <= 1)
         )
-    clicks_ok = frame["Clicks"].str.fullmatch(_CLICKS_PATTERN).to_numpy(dtype=bool)
+    # The regex costs ~9 us a row; rows in the published form pass a vectorised test instead.
+    clicks_ok = _published_clicks(lines, candidates)
+    if not clicks_ok.all():
+        rest = frame["Clicks"].to_numpy()[~clicks_ok]
+        clicks_ok[~clicks_ok] = [_CLICKS_RE.fullmatch(value) is not None for value in rest]
     if b"\r" in kept:  # CRLF line ends leave "\r" on the last field
         frame["Clicks"] = frame["Clicks"].str.rstrip("\r")
     return frame, [
