@@ -49,9 +49,11 @@ BOX_COLUMNS = ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
 # the numpy temporaries are a few times the block size.
 _BLOCK_BYTES_PER_ROW = 32
 _MAX_EXAMPLES = 5
-# Lines read again after the scan share one ranged read when this close: fewer requests, and a
-# MiB costs less than a round trip.
-_SPAN_GAP = 1 << 20
+# Lines read again after the scan share one ranged read when this close (a few lines of a
+# block, or of one image); farther apart they are separate ranges, fetched concurrently, at
+# most this many bytes at a time.
+_SPAN_GAP = 64 * 2**10
+_SPAN_BATCH_BYTES = 8 * 2**20
 _NEWLINE, _CR, _COMMA = ord("\n"), ord("\r"), ord(",")
 _IS_LOWER_HEX = np.zeros(256, dtype=bool)
 _IS_LOWER_HEX[list(b"0123456789abcdef")] = True
@@ -490,17 +492,32 @@ def _read_spans(url: str, options: dict | None, starts: np.ndarray, stops: np.nd
     first = np.concatenate(([0], np.flatnonzero(starts[1:] - stops[:-1] > _SPAN_GAP) + 1))
     last = np.concatenate((first[1:], [len(starts)])) - 1
     range_starts, range_stops = starts[first].tolist(), stops[last].tolist()
+    pieces = [b""] * len(starts)
     try:
         fs, path = sources.filesystem(url, options)
-        blobs = fs.cat_ranges([path] * len(first), range_starts, range_stops, on_error="raise")
     except Exception as error:
         raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
-    pieces = [b""] * len(starts)
-    for blob, lo, hi, i, j in zip(blobs, range_starts, range_stops, first, last, strict=True):
-        if not isinstance(blob, bytes) or len(blob) != hi - lo:  # a server that ignored Range
-            raise OistreamError(f"{url} changed while it was read; run again")
-        for k in range(i, j + 1):
-            pieces[order[k]] = blob[starts[k] - lo : stops[k] - lo]
+    batch_start = 0
+    while batch_start < len(first):  # a few MiB per batch of ranges: memory stays bounded
+        sizes = np.cumsum(np.subtract(range_stops[batch_start:], range_starts[batch_start:]))
+        batch_stop = batch_start + max(1, int(np.searchsorted(sizes, _SPAN_BATCH_BYTES)))
+        batch = range(batch_start, batch_stop)
+        try:
+            blobs = fs.cat_ranges(
+                [path] * len(batch),
+                range_starts[batch_start:batch_stop],
+                range_stops[batch_start:batch_stop],
+                on_error="raise",
+            )
+        except Exception as error:
+            raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
+        for r, blob in zip(batch, blobs, strict=True):
+            lo, hi = range_starts[r], range_stops[r]
+            if not isinstance(blob, bytes) or len(blob) != hi - lo:  # a server that ignored Range
+                raise OistreamError(f"{url} changed while it was read; run again")
+            for k in range(first[r], last[r] + 1):
+                pieces[order[k]] = blob[starts[k] - lo : stops[k] - lo]
+        batch_start = batch_stop
     return b"".join(piece + b"\n" for piece in pieces)
 
 
