@@ -204,24 +204,26 @@ def test_bounded_catalog_gives_the_plan_of_the_whole_table(
         _plans_agree(path, [PERSON, CAR, TRAFFIC_SIGN], chunksize, **selection)
 
 
+@pytest.mark.parametrize("junk", [[], ["x" * 20_000], ["y," * 9_000, "z" * 9_000]])
 def test_a_row_seen_before_its_image_is_chosen_is_read_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, junk: list[str]
 ) -> None:
+    # Over-long lines before it are cut to stubs while reading: the line's place must not move.
     monkeypatch.setattr(catalog._SelectionBound, "_PRUNE_SLACK", 0)  # prune after every block
     read_again = []
     original = catalog._read_spans
     monkeypatch.setattr(catalog, "_read_spans", lambda *a: read_again.append(a) or original(*a))
     # The image's Person row comes first, while Person's best 2 are others; the image is chosen
     # only later, as the one Traffic sign image. Its Person row must then be read back.
-    people = sorted(_ids(30, 5), key=lambda i: hash_order_key(i, 0))
+    people = sorted(_ids(120, 5), key=lambda i: hash_order_key(i, 0))  # > 8 KiB, the first read
     late = people[-1]  # ranked last among Person images: never in Person's best 2
-    lines = [_csv_line(late, PERSON.mid, 0)]
+    lines = [*junk, _csv_line(late, PERSON.mid, 0), *junk]
     lines += [_csv_line(i, PERSON.mid, k) for k, i in enumerate(people[:-1], start=1)]
     lines += [_csv_line(late, TRAFFIC_SIGN.mid, 99)]
     path = tmp_path / "seg.csv"
     path.write_text("\n".join([HEADER, *lines, ""]))
     table = read_segmentations(
-        str(path), [PERSON.mid, TRAFFIC_SIGN.mid], chunksize=1, selection=Selection(per_class=2)
+        str(path), [PERSON.mid, TRAFFIC_SIGN.mid], chunksize=16, selection=Selection(per_class=2)
     )
     assert set(table.rows["ImageID"]) == {late, *people[:2]}
     assert table.rows.loc[table.rows["ImageID"] == late, "LabelName"].tolist() == [
@@ -229,13 +231,13 @@ def test_a_row_seen_before_its_image_is_chosen_is_read_again(
         TRAFFIC_SIGN.mid,
     ]
     assert len(read_again) == 1 and len(read_again[0][2]) == 1  # one line, in one read
-    _plans_agree(path, [PERSON, TRAFFIC_SIGN], chunksize=1, per_class=2)
+    _plans_agree(path, [PERSON, TRAFFIC_SIGN], chunksize=16, per_class=2)
 
 
 def test_a_file_that_changes_between_reads_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    people = sorted(_ids(30, 5), key=lambda i: hash_order_key(i, 0))
+    people = sorted(_ids(120, 5), key=lambda i: hash_order_key(i, 0))  # > 8 KiB, the first read
     lines = [_csv_line(people[-1], PERSON.mid, 0)]
     lines += [_csv_line(i, PERSON.mid, k) for k, i in enumerate(people[:-1], start=1)]
     lines += [_csv_line(people[-1], TRAFFIC_SIGN.mid, 99)]
@@ -250,6 +252,9 @@ def test_a_file_that_changes_between_reads_is_one_clear_line(
     monkeypatch.setattr(catalog, "_read_spans", rewritten)
     with pytest.raises(OistreamError, match="changed while it was read") as error:
         read_segmentations(
-            str(path), [PERSON.mid, TRAFFIC_SIGN.mid], chunksize=1, selection=Selection(per_class=2)
+            str(path),
+            [PERSON.mid, TRAFFIC_SIGN.mid],
+            chunksize=16,
+            selection=Selection(per_class=2),
         )
     assert "\n" not in str(error.value)

@@ -262,11 +262,11 @@ def read_segmentations(
 
 def _filter_rows(
     csv_url: str,
-    blocks: Iterator[bytes | memoryview],
+    blocks: Iterator[tuple[int, bytes | memoryview]],
     selected: frozenset[str],
     bound: _SelectionBound | None = None,
 ) -> SegmentationTable:
-    header_line = bytes(next(blocks))
+    header_line = bytes(next(blocks)[1])
     header = header_line.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
     if header != HEADER:
         raise OistreamError(f"{csv_url}: unexpected header {header[:200]!r}; expected {HEADER!r}")
@@ -276,8 +276,7 @@ def _filter_rows(
     total_rows = malformed = 0
     examples: list[str] = []
     first_line_number = 2  # the header is line 1
-    offset = len(header_line)  # of the block in the file, so kept lines can be read again
-    for block in blocks:
+    for offset, block in blocks:  # offset: of the block in the file, to read lines again
         lines = _Lines(block)
         total_rows += lines.rows
         frame, kept_lines, block_malformed, rejected = scan(lines)
@@ -289,7 +288,6 @@ def _filter_rows(
         for line, reason in sorted(rejected)[: _MAX_EXAMPLES - len(examples)]:
             examples.append(f"line {first_line_number + line}: {reason}")
         first_line_number += len(lines)
-        offset += len(block)
 
     rows, duplicates = _drop_repeats(
         pd.concat(frames, ignore_index=True) if frames else _empty_rows()
@@ -858,10 +856,13 @@ class _Missing(Exception):
 
 def _read_line_blocks(
     url: str, options: dict | None, block_bytes: int, opener: Callable[[], Any] | None = None
-) -> Iterator[bytes | memoryview]:
-    """The first line, then blocks of complete newline-terminated lines, streamed from ``url``.
+) -> Iterator[tuple[int, bytes | memoryview]]:
+    """The first line, then blocks of complete newline-terminated lines, streamed from ``url``;
+    each with its offset in the file, so that a line can be read again by its place.
 
-    Only the storage calls are guarded: a failure there becomes a one-line OistreamError.
+    A line over MAX_ROW_BYTES is cut to a stub and handed out as a block of its own: the blocks
+    after it start where the file does. Only the storage calls are guarded: a failure there
+    becomes a one-line OistreamError.
     """
 
     def fail(error: Exception) -> OistreamError:
@@ -885,9 +886,11 @@ def _read_line_blocks(
         except Exception as error:
             raise fail(error) from error
         newline = start.find(b"\n")
-        yield start if newline < 0 else start[: newline + 1]
+        yield 0, start if newline < 0 else start[: newline + 1]
         # Blocks are handed out as views, not copies; only the partial last line is carried over.
         carry = b"" if newline < 0 else start[newline + 1 :]
+        carry_offset = newline + 1  # where carry starts in the file
+        position = len(start)  # where the next read starts
         skipping = newline < 0  # inside a line already too long: drop bytes up to its end
         while True:
             try:
@@ -896,23 +899,28 @@ def _read_line_blocks(
                 raise fail(error) from error
             if not chunk:
                 break
+            chunk_offset, position = position, position + len(chunk)
             if skipping:
                 newline = chunk.find(b"\n")
                 if newline < 0:
                     continue
-                chunk, skipping = chunk[newline:], False  # its newline ends the kept stub
+                # The stub, one byte over the cap, so the line is still seen and counted as
+                # malformed; what follows it starts a block at its true offset.
+                yield carry_offset, carry + b"\n"
+                carry, skipping = b"", False
+                chunk, chunk_offset = chunk[newline + 1 :], chunk_offset + newline + 1
+            data_offset = carry_offset if carry else chunk_offset
             data = carry + chunk if carry else chunk
             del chunk
             cut = data.rfind(b"\n") + 1
-            carry = data[cut:]
+            carry, carry_offset = data[cut:], data_offset + cut
             if len(carry) > MAX_ROW_BYTES:
-                # Keep a stub one byte over the cap, so the line is still seen and counted as
-                # malformed, and memory stays bounded however long the line runs.
+                # Memory stays bounded however long the line runs.
                 carry, skipping = carry[: MAX_ROW_BYTES + 1], True
             if cut:
                 complete = memoryview(data)[:cut]
                 del data  # the view alone keeps the block alive, for as long as the caller needs it
-                yield complete
+                yield data_offset, complete
                 del complete
         if carry:  # a last line without its newline
-            yield carry + b"\n"
+            yield carry_offset, carry + b"\n"
