@@ -258,3 +258,22 @@ def test_a_file_that_changes_between_reads_is_one_clear_line(
             selection=Selection(per_class=2),
         )
     assert "\n" not in str(error.value)
+
+
+def test_bounded_catalog_ranks_only_the_images_listed(tmp_path: Path) -> None:
+    # --image-ids narrows the images first: the best N of those, not of all, are kept.
+    images = _ids(80, 3)
+    lines = [_csv_line(i, PERSON.mid, k) for k, i in enumerate(images)]
+    lines += [_csv_line(i, CAR.mid, 100 + k) for k, i in enumerate(images[::2])]
+    path = tmp_path / "seg.csv"
+    path.write_text("\n".join([HEADER, *lines, ""]))
+    listed = set(images[::3])
+    mids = [PERSON.mid, CAR.mid]
+    whole = read_segmentations(str(path), mids, chunksize=64)
+    whole.rows = whole.rows[whole.rows["ImageID"].isin(listed)]
+    selection = Selection(per_class=4, seed=2, image_ids=listed)
+    bounded = read_segmentations(str(path), mids, chunksize=64, selection=selection)
+    expected = make_plan(whole, [PERSON, CAR], "train", per_class=4, seed=2)
+    plan = make_plan(bounded, [PERSON, CAR], "train", per_class=4, seed=2)
+    assert plan.num_samples >= 4 and set(plan.image_ids()) <= listed
+    assert (plan.shard_ids, plan.plan_hash) == (expected.shard_ids, expected.plan_hash)
