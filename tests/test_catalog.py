@@ -390,7 +390,8 @@ def reference_filter(text: str, mids: set[str]) -> tuple[list[str], int]:
         except ValueError:
             valid = False
         if valid:
-            kept.append(mask_path)
+            if mask_path not in kept:  # a repeated MaskPath is the same instance: the first wins
+                kept.append(mask_path)
         else:
             malformed += 1
     return kept, malformed

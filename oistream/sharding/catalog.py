@@ -77,10 +77,15 @@ MAX_FIELD_BYTES = {
 _CLICKS_RE = re.compile(_CLICKS_PATTERN)
 # The published form of one click and its separator: 9 a digit, t the flag 0 or 1.
 _TRIPLE = b"9.99999 9.99999 t;"
-_TRIPLE_BYTES = np.frombuffer(_TRIPLE, dtype=np.uint8)
-_TRIPLE_DIGIT = ord("9") == _TRIPLE_BYTES
-_TRIPLE_BINARY = ord("t") == _TRIPLE_BYTES
-_CLICKS_ROWS_PER_STEP = 4096
+# Which byte may stand at each place of a triple, flattened: index place * 256 + byte.
+_TRIPLE_ALLOWED = np.zeros((len(_TRIPLE), 256), dtype=bool)
+for _place, _byte in enumerate(_TRIPLE):
+    _TRIPLE_ALLOWED[
+        _place, {ord("9"): list(b"0123456789"), ord("t"): list(b"01")}.get(_byte, [_byte])
+    ] = True
+_TRIPLE_ALLOWED = _TRIPLE_ALLOWED.ravel()
+_TRIPLE_COLUMNS = np.arange(len(_TRIPLE), dtype=np.int32) * 256
+_CLICKS_ROWS_PER_STEP = 512  # measured: 2.3 us a row here, the pattern 5.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,7 +671,9 @@ def _published_clicks(lines: _Lines, candidates: np.ndarray) -> np.ndarray:
     """Which Clicks fields are in the published form: ``d.ddddd d.ddddd t`` triples joined by ``;``.
 
     That form is a subset of what the clicks pattern accepts, so a row passing here is valid;
-    a row failing here may still be valid and is left to the pattern.
+    a row failing here may still be valid and is left to the pattern. A field in that form, with
+    a ``;`` put after it, is whole 18-byte triples: the fields' bytes end to end are then checked
+    as one (triples, 18) array against a table of the bytes allowed at each place.
     """
     start, stop = lines.field_bounds(candidates, len(COLUMNS) - 1)
     lengths = stop - start
@@ -675,19 +682,14 @@ def _published_clicks(lines: _Lines, candidates: np.ndarray) -> np.ndarray:
         rows = np.flatnonzero(ok[first : first + _CLICKS_ROWS_PER_STEP]) + first
         if not len(rows):
             continue
-        # The fields' bytes end to end, and each byte's place within its field.
-        offsets = np.concatenate(([0], np.cumsum(lengths[rows])))
-        place = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths[rows])
-        values = lines.data[np.repeat(start[rows], lengths[rows]) + place]
-        phase = place % len(_TRIPLE)
-        digit = (values >= ord("0")) & (values <= ord("9"))
-        binary = (values == ord("0")) | (values == ord("1"))
-        good = np.where(
-            _TRIPLE_DIGIT[phase],
-            digit,
-            np.where(_TRIPLE_BINARY[phase], binary, values == _TRIPLE_BYTES[phase]),
-        )
-        ok[rows] = np.logical_and.reduceat(good, offsets[:-1])
+        with_separator = lengths[rows] + 1  # the byte after a field (its line's end) becomes ";"
+        offsets = np.concatenate(([0], np.cumsum(with_separator)))
+        places = np.repeat(start[rows] - offsets[:-1], with_separator) + np.arange(offsets[-1])
+        values = lines.data[np.minimum(places, len(lines.data) - 1)]
+        values[offsets[1:] - 1] = ord(";")
+        triples = values.reshape(-1, len(_TRIPLE))
+        triple_ok = _TRIPLE_ALLOWED[_TRIPLE_COLUMNS + triples].all(axis=1)
+        ok[rows] = np.logical_and.reduceat(triple_ok, offsets[:-1] // len(_TRIPLE))
     return ok
 
 
