@@ -74,7 +74,7 @@ from oistream.format import (
     member_field,
     read_manifest,
 )
-from oistream.masks import assemble_masks, decode_mask_png
+from oistream.masks import TORCHVISION_DEPRECATION, assemble_masks, decode_mask_png, warm_up
 from oistream.transforms import RandomHorizontalFlip, drop_small_instances, hflip
 
 __all__ = [
@@ -101,7 +101,6 @@ _COMPRESSED_MAGIC = {
     b"\xfd7zXZ\x00": "xz",
     b"\x28\xb5\x2f\xfd": "zstd",
 }
-_TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 Target = dict[str, Any]
 Sample = tuple[torch.Tensor, Target]
@@ -433,7 +432,7 @@ def torchvision_decoders_unwarned() -> Iterator[None]:
     dependency); they still work, and the CPU one is the faster one here. Only that warning is
     silenced."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", _TORCHVISION_DEPRECATION, DeprecationWarning)
+        warnings.filterwarnings("ignore", TORCHVISION_DEPRECATION, DeprecationWarning)
         yield
 
 
@@ -1060,6 +1059,9 @@ def _seed_worker(worker_id: int) -> None:
     # process decides when to stop (a trainer finishes its step first) and ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Load the mask kernel (numba's on-disk cache: compiled once per machine) before the first
+    # batch, so that batch is not seconds late.
+    warm_up()
 
 
 class ShardLoader(DataLoader):
@@ -1157,5 +1159,7 @@ def make_loader(
     }
     if num_workers > 0:
         options["persistent_workers"] = True
+    else:
+        warm_up()  # the main process decodes: load the kernel now, as each worker does
     options.update(dataloader_kwargs)
     return ShardLoader(_BatchedShards(dataset, batch_size, group_by_aspect), **options)

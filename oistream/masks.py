@@ -27,6 +27,7 @@ numpy occlusion loop, boxes from ``np.where``): the specification the tests hold
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 
 import numba
@@ -45,6 +46,12 @@ _LOW_BITS = np.uint64(0x0101010101010101)
 _HIGH_BITS = np.uint64(0x8080808080808080)
 _ZERO_WORD = np.uint64(0)
 
+# A PNG's signature, then the IHDR chunk's length (13) and type, which must come first.
+_PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+# torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (another
+# dependency); they still work, and are the faster ones for some members. Only that is silenced.
+TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
+
 # Masks of one image larger than this in total are read as a plain stream of every row (see
 # ``_assemble``); smaller ones, which stay in cache, are read only where the resize samples.
 _STREAM_ABOVE_BYTES = 16 * 2**20
@@ -53,16 +60,47 @@ _STREAM_ABOVE_BYTES = 16 * 2**20
 def decode_mask_png(data: bytes) -> np.ndarray:
     """Decode one mask PNG into a 2-D uint8 array (0 = background, non-zero = object).
 
-    Read-only: ``np.asarray`` wraps the bytes Pillow hands out, with no copy of its own. A 1-bit
-    PNG decodes to bytes 0/255 that numpy presents as bool; they are handed out as the uint8
-    they are (a bool array holding 255 misleads byte-level consumers such as ``view``).
+    The fastest decoder depends on the bit depth (``benchmarks/loader.py`` measures them side
+    by side): 8-bit grayscale goes through torchvision's libpng decoder, anything else (1-bit
+    above all) through Pillow. Pillow's result is read-only: ``np.asarray`` wraps the bytes it
+    hands out, with no copy of its own. A 1-bit PNG decodes to bytes 0/255 that numpy presents
+    as bool; they are handed out as the uint8 they are (a bool array holding 255 misleads
+    byte-level consumers such as ``view``).
     """
+    if _is_8bit_gray_png(data):
+        decoded = _decode_with_torchvision(data)
+        if decoded is not None:
+            return decoded
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         if image.mode not in ("1", "L", "P"):
             image = image.convert("L")
         array = np.asarray(image)
     return array.view(np.uint8) if array.dtype == np.bool_ else array
+
+
+def _is_8bit_gray_png(data: bytes) -> bool:
+    """From the IHDR chunk, which a PNG must start with: bit depth 8, colour type 0 (gray)."""
+    return len(data) > 26 and data[:16] == _PNG_START and data[24] == 8 and data[25] == 0
+
+
+def _decode_with_torchvision(data: bytes) -> np.ndarray | None:
+    """The gray plane, or None if the file is not what its header said (Pillow then decides)."""
+    import torch  # imported here: the Pillow path, and this module's other users, do without
+    from torchvision.io import ImageReadMode, decode_png
+
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", TORCHVISION_DEPRECATION, DeprecationWarning)
+        try:
+            plane = decode_png(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY
+            )
+        except (RuntimeError, ValueError):  # libpng's errors surface as RuntimeError
+            return None
+    if tuple(plane.shape) != (1, height, width):
+        return None
+    return plane[0].numpy()
 
 
 @njit(cache=True, nogil=True)

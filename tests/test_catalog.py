@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -389,7 +390,8 @@ def reference_filter(text: str, mids: set[str]) -> tuple[list[str], int]:
         except ValueError:
             valid = False
         if valid:
-            kept.append(mask_path)
+            if mask_path not in kept:  # a repeated MaskPath is the same instance: the first wins
+                kept.append(mask_path)
         else:
             malformed += 1
     return kept, malformed
@@ -475,3 +477,38 @@ def test_unreachable_s3_endpoint_is_one_clear_line() -> None:
 def test_block_size_follows_chunksize() -> None:
     # The contract the chunk-boundary tests rely on: small chunksizes give tiny blocks.
     assert len(csv_row(1, CAR, 1)) > catalog._BLOCK_BYTES_PER_ROW * 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    clicks=st.lists(
+        st.tuples(
+            st.lists(
+                st.tuples(st.integers(0, 100_000), st.integers(0, 100_000), st.integers(0, 1)),
+                min_size=1,
+                max_size=20,
+            ),
+            st.integers(0, 400),
+            st.sampled_from(["", "0", "9", " ", ".", ";", "\t", "2", "-", "e", "x", ";;", "00"]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_clicks_in_the_published_form_are_checked_as_the_pattern_checks_them(
+    clicks: list[tuple[list[tuple[int, int, int]], int, str]],
+) -> None:
+    # The published form ("0.95498 0.65197 1;...") takes a vectorised path; one byte replaced,
+    # dropped or doubled anywhere must still be judged as the clicks pattern judges it.
+    rows = []
+    for i, (triples, at, replacement) in enumerate(clicks):
+        text = ";".join(f"{x / 100_000:.5f} {y / 100_000:.5f} {t}" for x, y, t in triples)
+        at = at % (len(text) + 1)
+        text = text[:at] + replacement + text[at + 1 :]
+        rows.append(csv_row(i, PERSON, i, clicks=text))
+    text = "\n".join([HEADER, *rows, ""])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "seg.csv"
+        path.write_text(text)
+        table = read_segmentations(str(path), {PERSON})
+    assert (mask_paths(table), table.malformed) == reference_filter(text, {PERSON})

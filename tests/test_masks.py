@@ -251,3 +251,32 @@ def test_rejects_bad_shapes():
         assemble_masks([np.zeros((2, 2, 2), np.uint8)], 4, 4)
     with pytest.raises(ValueError):
         assemble_masks([np.zeros((2, 2), np.uint8)], 0, 4)
+
+
+def test_each_bit_depth_goes_to_its_decoder_and_both_give_pillows_pixels(monkeypatch):
+    # 8-bit grey goes through torchvision, 1-bit (and anything else) through Pillow; either way
+    # the pixels are Pillow's, any grey value included.
+    rng = np.random.default_rng(9)
+    grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    one_bit = make_mask(rng, (37, 53), "blob", as_bool=True)
+    used = []
+    original = oistream.masks._decode_with_torchvision
+    monkeypatch.setattr(
+        oistream.masks,
+        "_decode_with_torchvision",
+        lambda data: used.append(len(data)) or original(data),
+    )
+    for pixels in (grey, one_bit):
+        data = png_bytes(pixels)
+        expected = np.asarray(Image.open(io.BytesIO(data))).view(np.uint8)
+        np.testing.assert_array_equal(decode_mask_png(data), expected)
+    assert len(used) == 1  # the grey one only
+
+
+def test_an_8_bit_header_over_other_data_is_left_to_pillow():
+    # The header says 8-bit grey 5x4, the data is cut short: torchvision refuses it and Pillow,
+    # which then decides, raises as it always did.
+    data = png_bytes(np.full((4, 5), 7, np.uint8))
+    assert oistream.masks._is_8bit_gray_png(data)
+    with pytest.raises(OSError):
+        decode_mask_png(data[:-20])

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import random
+import tempfile
+from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from oistream.sharding.catalog import OIClass, SegmentationTable
+from oistream.errors import OistreamError
+from oistream.sharding import catalog
+from oistream.sharding.catalog import OIClass, SegmentationTable, Selection, read_segmentations
 from oistream.sharding.plan import hash_order_key, make_plan
 
 PERSON = OIClass("/m/01g317", "Person")
@@ -111,3 +119,161 @@ def test_max_images_caps_the_union() -> None:
 def test_samples_per_shard_must_be_positive() -> None:
     with pytest.raises(ValueError):
         make_plan(_table([]), [PERSON], "train", samples_per_shard=0)
+
+
+# --- the bounded catalog: rows kept while reading follow the selection, the plan does not change --
+
+TRAFFIC_SIGN = OIClass("/m/01mqdt", "Traffic sign")
+HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks"
+
+
+def _csv_line(image_id: str, mid: str, k: int) -> str:
+    box_id = f"{k:08x}"
+    clicks = ";".join(f"0.{k % 7 + 1} 0.{j + 1} {j % 2}" for j in range(k % 4 + 1))
+    iou = "" if k % 5 == 0 else f"0.{k % 9 + 1}"
+    mask_path = f"{image_id}_{mid.replace('/', '')}_{box_id}.png"
+    return f"{mask_path},{image_id},{mid},{box_id},0.1,0.5,0.2,0.6,{iou},{clicks}"
+
+
+def _plans_agree(path: Path, classes: list[OIClass], chunksize: int, **selection: Any) -> None:
+    mids = [c.mid for c in classes]
+    whole = read_segmentations(str(path), mids, chunksize=chunksize)
+    bounded = read_segmentations(
+        str(path), mids, chunksize=chunksize, selection=Selection(**selection)
+    )
+    arguments = {"per_class": selection.get("per_class"), "max_images": selection.get("max_images")}
+    seed = selection.get("seed", 0)
+    expected = make_plan(whole, classes, "train", samples_per_shard=3, seed=seed, **arguments)
+    plan = make_plan(bounded, classes, "train", samples_per_shard=3, seed=seed, **arguments)
+    assert plan.shard_ids == expected.shard_ids
+    assert plan.plan_hash == expected.plan_hash
+    # What the bounded catalog keeps is exactly the rows of the images the plan may take (with
+    # max_images and per_class both, the cut comes later), in CSV order; the counts are the same.
+    rows = whole.rows
+    assert set(bounded.rows["ImageID"]) >= set(expected.image_ids())
+    candidates = make_plan(whole, classes, "train", seed=seed, per_class=arguments["per_class"])
+    if arguments["per_class"] is None:
+        candidates = expected
+    keep = rows["ImageID"].isin(set(candidates.image_ids()))
+    pd.testing.assert_frame_equal(bounded.rows, rows.loc[keep].reset_index(drop=True))
+    assert (bounded.total_rows, bounded.malformed) == (whole.total_rows, whole.malformed)
+    assert bounded.malformed_examples == whole.malformed_examples
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    data=st.data(),
+    grouped=st.booleans(),
+    chunksize=st.integers(4, 60),
+    prune_slack=st.sampled_from([0, 10, 65_536]),
+    per_class=st.one_of(st.none(), st.integers(0, 12)),
+    max_images=st.one_of(st.none(), st.integers(0, 20)),
+    seed=st.integers(0, 3),
+)
+def test_bounded_catalog_gives_the_plan_of_the_whole_table(
+    data: st.DataObject,
+    grouped: bool,
+    chunksize: int,
+    prune_slack: int,
+    per_class: int | None,
+    max_images: int | None,
+    seed: int,
+) -> None:
+    # Person common, Car less so, Traffic sign rare: the rare class leaves every threshold open,
+    # and rows of one image scattered over the file send some lines to be read again.
+    images = _ids(40, data.draw(st.integers(0, 1000)))
+    weights = {PERSON.mid: 0.9, CAR.mid: 0.5, TRAFFIC_SIGN.mid: 0.08, "/m/07j7r": 0.4}
+    rng = random.Random(data.draw(st.integers(0, 1000)))
+    pairs = [
+        (image_id, mid)
+        for image_id in images
+        for mid, p in weights.items()
+        for _ in range(rng.choice([1, 1, 2, 3]))
+        if rng.random() < p
+    ]
+    if not grouped:
+        rng.shuffle(pairs)
+    lines = [_csv_line(i, mid, k) for k, (i, mid) in enumerate(pairs)]
+    for k in range(0, len(lines), 17):  # a malformed row now and then: counted the same way
+        lines.insert(k, lines[k].replace(".png", ".jpg"))
+    path = Path(tempfile.mkdtemp()) / "seg.csv"
+    path.write_text("\n".join([HEADER, *lines, ""]))
+    selection = {"per_class": per_class, "max_images": max_images, "seed": seed}
+    # Pruning often (slack 0) moves rows out and back in; rarely, keeps them until the end.
+    with mock.patch.object(catalog._SelectionBound, "_PRUNE_SLACK", prune_slack):
+        _plans_agree(path, [PERSON, CAR, TRAFFIC_SIGN], chunksize, **selection)
+
+
+@pytest.mark.parametrize("junk", [[], ["x" * 20_000], ["y," * 9_000, "z" * 9_000]])
+def test_a_row_seen_before_its_image_is_chosen_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, junk: list[str]
+) -> None:
+    # Over-long lines before it are cut to stubs while reading: the line's place must not move.
+    monkeypatch.setattr(catalog._SelectionBound, "_PRUNE_SLACK", 0)  # prune after every block
+    read_again = []
+    original = catalog._read_spans
+    monkeypatch.setattr(catalog, "_read_spans", lambda *a: read_again.append(a) or original(*a))
+    # The image's Person row comes first, while Person's best 2 are others; the image is chosen
+    # only later, as the one Traffic sign image. Its Person row must then be read back.
+    people = sorted(_ids(120, 5), key=lambda i: hash_order_key(i, 0))  # > 8 KiB, the first read
+    late = people[-1]  # ranked last among Person images: never in Person's best 2
+    lines = [*junk, _csv_line(late, PERSON.mid, 0), *junk]
+    lines += [_csv_line(i, PERSON.mid, k) for k, i in enumerate(people[:-1], start=1)]
+    lines += [_csv_line(late, TRAFFIC_SIGN.mid, 99)]
+    path = tmp_path / "seg.csv"
+    path.write_text("\n".join([HEADER, *lines, ""]))
+    table = read_segmentations(
+        str(path), [PERSON.mid, TRAFFIC_SIGN.mid], chunksize=16, selection=Selection(per_class=2)
+    )
+    assert set(table.rows["ImageID"]) == {late, *people[:2]}
+    assert table.rows.loc[table.rows["ImageID"] == late, "LabelName"].tolist() == [
+        PERSON.mid,
+        TRAFFIC_SIGN.mid,
+    ]
+    assert len(read_again) == 1 and len(read_again[0][2]) == 1  # one line, in one read
+    _plans_agree(path, [PERSON, TRAFFIC_SIGN], chunksize=16, per_class=2)
+
+
+def test_a_file_that_changes_between_reads_is_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    people = sorted(_ids(120, 5), key=lambda i: hash_order_key(i, 0))  # > 8 KiB, the first read
+    lines = [_csv_line(people[-1], PERSON.mid, 0)]
+    lines += [_csv_line(i, PERSON.mid, k) for k, i in enumerate(people[:-1], start=1)]
+    lines += [_csv_line(people[-1], TRAFFIC_SIGN.mid, 99)]
+    path = tmp_path / "seg.csv"
+    path.write_text("\n".join([HEADER, *lines, ""]))
+    monkeypatch.setattr(catalog._SelectionBound, "_PRUNE_SLACK", 0)
+    original = catalog._read_spans
+
+    def rewritten(*args: Any) -> bytes:  # the first line read again now holds another image
+        return original(*args).replace(people[-1].encode(), people[0].encode())
+
+    monkeypatch.setattr(catalog, "_read_spans", rewritten)
+    with pytest.raises(OistreamError, match="changed while it was read") as error:
+        read_segmentations(
+            str(path),
+            [PERSON.mid, TRAFFIC_SIGN.mid],
+            chunksize=16,
+            selection=Selection(per_class=2),
+        )
+    assert "\n" not in str(error.value)
+
+
+def test_bounded_catalog_ranks_only_the_images_listed(tmp_path: Path) -> None:
+    # --image-ids narrows the images first: the best N of those, not of all, are kept.
+    images = _ids(80, 3)
+    lines = [_csv_line(i, PERSON.mid, k) for k, i in enumerate(images)]
+    lines += [_csv_line(i, CAR.mid, 100 + k) for k, i in enumerate(images[::2])]
+    path = tmp_path / "seg.csv"
+    path.write_text("\n".join([HEADER, *lines, ""]))
+    listed = set(images[::3])
+    mids = [PERSON.mid, CAR.mid]
+    whole = read_segmentations(str(path), mids, chunksize=64)
+    whole.rows = whole.rows[whole.rows["ImageID"].isin(listed)]
+    selection = Selection(per_class=4, seed=2, image_ids=listed)
+    bounded = read_segmentations(str(path), mids, chunksize=64, selection=selection)
+    expected = make_plan(whole, [PERSON, CAR], "train", per_class=4, seed=2)
+    plan = make_plan(bounded, [PERSON, CAR], "train", per_class=4, seed=2)
+    assert plan.num_samples >= 4 and set(plan.image_ids()) <= listed
+    assert (plan.shard_ids, plan.plan_hash) == (expected.shard_ids, expected.plan_hash)

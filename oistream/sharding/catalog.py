@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import difflib
+import hashlib
 import io
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,11 @@ BOX_COLUMNS = ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax")
 # the numpy temporaries are a few times the block size.
 _BLOCK_BYTES_PER_ROW = 32
 _MAX_EXAMPLES = 5
+# Lines read again after the scan share one ranged read when this close (a few lines of a
+# block, or of one image); farther apart they are separate ranges, fetched concurrently, at
+# most this many bytes at a time.
+_SPAN_GAP = 64 * 2**10
+_SPAN_BATCH_BYTES = 8 * 2**20
 _NEWLINE, _CR, _COMMA = ord("\n"), ord("\r"), ord(",")
 _IS_LOWER_HEX = np.zeros(256, dtype=bool)
 _IS_LOWER_HEX[list(b"0123456789abcdef")] = True
@@ -69,6 +75,17 @@ MAX_FIELD_BYTES = {
     **dict.fromkeys(("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"), 32),
 }
 _CLICKS_RE = re.compile(_CLICKS_PATTERN)
+# The published form of one click and its separator: 9 a digit, t the flag 0 or 1.
+_TRIPLE = b"9.99999 9.99999 t;"
+# Which byte may stand at each place of a triple, flattened: index place * 256 + byte.
+_TRIPLE_ALLOWED = np.zeros((len(_TRIPLE), 256), dtype=bool)
+for _place, _byte in enumerate(_TRIPLE):
+    _TRIPLE_ALLOWED[
+        _place, {ord("9"): list(b"0123456789"), ord("t"): list(b"01")}.get(_byte, [_byte])
+    ] = True
+_TRIPLE_ALLOWED = _TRIPLE_ALLOWED.ravel()
+_TRIPLE_COLUMNS = np.arange(len(_TRIPLE), dtype=np.int32) * 256
+_CLICKS_ROWS_PER_STEP = 512  # measured: 2.3 us a row here, the pattern 5.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,75 +203,325 @@ class SegmentationTable:
     duplicates: int = 0  # valid rows dropped because an earlier row has the same MaskPath
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What the plan will take (DESIGN section 4), so the catalog can keep only rows it can use.
+
+    With ``per_class`` the plan takes per class the first N images in seeded hash order; with
+    only ``max_images`` the first N of all images (of ``image_ids`` alone, when given). Neither
+    limit: every row may be used.
+    """
+
+    per_class: int | None = None
+    max_images: int | None = None
+    seed: int = 0
+    image_ids: Collection[str] | None = None  # only these images may be taken (--image-ids)
+
+
+def hash_order_key(image_id: str, seed: int) -> bytes:
+    """A seeded, version-proof hash: ID order is biased (prefix 0 first), hash order is not."""
+    return hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+
+
+def hash_order_keys(image_ids: Iterable[str], seed: int) -> np.ndarray:
+    """``hash_order_key`` of each ID as uint64, ordered as the digests' bytes are."""
+    prefix = f"{seed}:".encode()
+    blake2b = hashlib.blake2b
+    digests = b"".join(blake2b(prefix + i.encode(), digest_size=8).digest() for i in image_ids)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
 def read_segmentations(
     csv_url: str,
     mids: Iterable[str],
     options: dict | None = None,
     chunksize: int = 250_000,
     opener: Callable[[], Any] | None = None,
+    *,
+    selection: Selection | None = None,
 ) -> SegmentationTable:
     """Stream a segmentation CSV and keep the valid rows whose LabelName is one of ``mids``.
 
     Lines with other than 10 fields are counted as malformed wherever they are (their class
     cannot be trusted); content is validated only on the rows of the selected classes.
     ``chunksize`` bounds the work per step: the file is read ``chunksize * 32`` bytes at a time.
-    ``opener()`` opens the file instead of fsspec (the metadata cache passes its own).
+    ``opener()`` opens the file instead of fsspec (the metadata cache passes its own); lines
+    read again are read through fsspec, by ranges.
+    With a ``selection`` that limits the images, only the rows of images the plan may take are
+    kept (all their rows of the selected classes, so the plan is the one the whole table gives);
+    memory then follows the selection, not how common its classes are.
     """
+    mids = frozenset(mids)
+    bound = None
+    if selection is not None and (selection.per_class, selection.max_images) != (None, None):
+        bound = _SelectionBound(selection, mids)
     block_bytes = max(1, chunksize) * _BLOCK_BYTES_PER_ROW
     blocks = _read_line_blocks(csv_url, options, block_bytes, opener)
     with contextlib.closing(blocks):
-        return _filter_rows(csv_url, blocks, frozenset(mids))
+        table = _filter_rows(csv_url, blocks, mids, bound)
+    if bound is not None:
+        # Repeats share their image, so they change no selection; counted among these rows only.
+        table.rows, table.duplicates = _drop_repeats(_bounded_rows(csv_url, options, mids, bound))
+    return table
 
 
 def _filter_rows(
-    csv_url: str, blocks: Iterator[bytes | memoryview], selected: frozenset[str]
+    csv_url: str,
+    blocks: Iterator[tuple[int, bytes | memoryview]],
+    selected: frozenset[str],
+    bound: _SelectionBound | None = None,
 ) -> SegmentationTable:
-    header = bytes(next(blocks)).decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
+    header_line = bytes(next(blocks)[1])
+    header = header_line.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
     if header != HEADER:
         raise OistreamError(f"{csv_url}: unexpected header {header[:200]!r}; expected {HEADER!r}")
-    # Fixed-width byte strings one longer than the longest MID: a longer label cannot match.
-    label_width = max((len(m.encode()) for m in selected), default=0) + 1
-    wanted_labels = np.array(sorted(m.encode() for m in selected), dtype=f"S{label_width}")
+    scan = _BlockScan(selected)
 
     frames: list[pd.DataFrame] = []
     total_rows = malformed = 0
     examples: list[str] = []
     first_line_number = 2  # the header is line 1
-    for block in blocks:
+    for offset, block in blocks:  # offset: of the block in the file, to read lines again
         lines = _Lines(block)
         total_rows += lines.rows
-        wrong = lines.wrong_shape()
-        malformed += len(wrong)
-        rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
-        candidates, labels = lines.select(wanted_labels, label_width)
-        checks = _identifier_checks(lines, candidates, labels) + _size_checks(lines, candidates)
-        invalid, why = _rejections(candidates, checks)
-        malformed += int(invalid.sum())
-        rejected += why
-        candidates = candidates[~invalid]
-        if len(candidates):
-            frame, checks = _parse_and_check_values(lines, candidates)
-            invalid, why = _rejections(candidates, checks)
-            malformed += int(invalid.sum())
-            rejected += why
-            frames.append(frame.loc[~invalid])
+        frame, kept_lines, block_malformed, rejected = scan(lines)
+        malformed += block_malformed
+        if bound is not None:
+            bound.offer(frame, offset + lines.starts[kept_lines], offset + lines.ends[kept_lines])
+        elif len(frame):
+            frames.append(frame)
         for line, reason in sorted(rejected)[: _MAX_EXAMPLES - len(examples)]:
             examples.append(f"line {first_line_number + line}: {reason}")
         first_line_number += len(lines)
 
-    rows = pd.concat(frames, ignore_index=True) if frames else _empty_rows()
-    # A MaskPath names one instance (ImageID, class, BoxID): a repeat is the same instance
-    # again, never a second one. The first row wins.
-    repeated = rows["MaskPath"].duplicated().to_numpy()
-    if repeated.any():
-        rows = rows.loc[~repeated].reset_index(drop=True)
+    rows, duplicates = _drop_repeats(
+        pd.concat(frames, ignore_index=True) if frames else _empty_rows()
+    )
     return SegmentationTable(
         rows=rows,
         total_rows=total_rows,
         malformed=malformed,
         malformed_examples=examples,
-        duplicates=int(repeated.sum()),
+        duplicates=duplicates,
     )
+
+
+def _drop_repeats(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """A MaskPath names one instance (ImageID, class, BoxID): a repeat is the same instance
+    again, never a second one. The first row wins; how many were dropped."""
+    repeated = rows["MaskPath"].duplicated().to_numpy()
+    if repeated.any():
+        rows = rows.loc[~repeated].reset_index(drop=True)
+    return rows, int(repeated.sum())
+
+
+class _BlockScan:
+    """Field counts, selection by label and validation of one block of lines."""
+
+    def __init__(self, selected: frozenset[str]) -> None:
+        # Fixed-width byte strings one longer than the longest MID: a longer label cannot match.
+        self.label_width = max((len(m.encode()) for m in selected), default=0) + 1
+        self.wanted_labels = np.array(
+            sorted(m.encode() for m in selected), dtype=f"S{self.label_width}"
+        )
+
+    def __call__(
+        self, lines: _Lines
+    ) -> tuple[pd.DataFrame, np.ndarray, int, list[tuple[int, str]]]:
+        """Valid rows of the selected classes, their line numbers, malformed count, reasons."""
+        wrong = lines.wrong_shape()
+        malformed = len(wrong)
+        rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
+        candidates, labels = lines.select(self.wanted_labels, self.label_width)
+        checks = _identifier_checks(lines, candidates, labels) + _size_checks(lines, candidates)
+        invalid, why = _rejections(candidates, checks)
+        malformed += int(invalid.sum())
+        rejected += why
+        candidates = candidates[~invalid]
+        if not len(candidates):
+            return _empty_rows(), candidates, malformed, rejected
+        frame, checks = _parse_and_check_values(lines, candidates)
+        invalid, why = _rejections(candidates, checks)
+        malformed += int(invalid.sum())
+        rejected += why
+        return frame.loc[~invalid], candidates[~invalid], malformed, rejected
+
+
+class _SelectionBound:
+    """While the CSV streams, keeps only the rows of images the plan may still select.
+
+    Per class (or, with only ``max_images``, over all classes) it holds the keys of the N
+    best-ranked images seen so far; N smallest of a stream, so a class's threshold only falls.
+    A row is kept while its image is among the best of some class. A row whose image is not (yet)
+    may still be needed: a later row can show the image carries another class that ranks it in
+    its N. Such rows cost 24 bytes each (key and the line's place in the file) instead of a row,
+    and the few that turn out needed are read again at the end. A row ranked past every class's
+    threshold can never be needed and is forgotten.
+    """
+
+    # Helper columns, dropped before the table is used: the image's key, its line's place.
+    _KEY, _START, _STOP = "_order_key", "_line_start", "_line_stop"
+    # Rows beyond twice what survived the last pruning, plus this, trigger the next one.
+    _PRUNE_SLACK = 65_536
+
+    def __init__(self, selection: Selection, mids: frozenset[str]) -> None:
+        self.seed = selection.seed
+        self.image_ids = selection.image_ids
+        self.per_class = selection.per_class is not None
+        limit = selection.per_class if self.per_class else selection.max_images
+        self.limit = max(0, int(limit or 0))
+        self.groups = sorted(mids) if self.per_class else [""]
+        self.best: dict[str, np.ndarray] = {}
+        self.kept: list[pd.DataFrame] = []
+        self.kept_rows = self.rows_after_prune = 0
+        self.spare: list[np.ndarray] = []  # (key, start, stop) of lines not kept, as uint64 rows
+        self.spare_rows = self.spare_after_prune = 0
+
+    def offer(self, frame: pd.DataFrame, starts: np.ndarray, stops: np.ndarray) -> None:
+        """Valid rows of one block in CSV order, with the file offsets of their lines."""
+        if self.image_ids is not None and len(frame):
+            wanted = frame["ImageID"].isin(self.image_ids).to_numpy()
+            frame, starts, stops = frame.loc[wanted], starts[wanted], stops[wanted]
+        if not len(frame):
+            return
+        keys = hash_order_keys(frame["ImageID"].tolist(), self.seed)
+        if self.per_class:
+            labels = frame["LabelName"].to_numpy()
+            for label in np.unique(labels):
+                self._rank(label, keys[labels == label])
+        else:
+            self._rank("", keys)
+        chosen = self._chosen()
+        inside = np.isin(keys, chosen)
+        place = {self._KEY: keys, self._START: starts.astype(np.int64), self._STOP: stops}
+        frame = frame.assign(**place)
+        self.kept.append(frame.loc[inside])
+        self.kept_rows += int(inside.sum())
+        # Column by column: stacking uint64 keys with int64 offsets would promote to float64.
+        spare = np.empty((int((~inside).sum()), 3), dtype=np.uint64)
+        for column, values in enumerate((keys, starts, stops)):
+            spare[:, column] = values[~inside]
+        self._keep_spare(spare)
+        if self.kept_rows > 2 * self.rows_after_prune + self._PRUNE_SLACK:
+            self._prune_kept(chosen)
+        if self.spare_rows > 2 * self.spare_after_prune + self._PRUNE_SLACK:
+            self._prune_spare()
+
+    def finish(self) -> tuple[pd.DataFrame, np.ndarray]:
+        """The kept rows of the chosen images, and the (start, stop) of lines to read again."""
+        chosen = self._chosen()
+        kept = pd.concat(self.kept, ignore_index=True) if self.kept else None
+        if kept is not None:
+            kept = kept.loc[np.isin(kept[self._KEY].to_numpy(), chosen)].drop(columns=self._STOP)
+        spare = np.concatenate(self.spare) if self.spare else np.zeros((0, 3), dtype=np.uint64)
+        needed = spare[np.isin(spare[:, 0], chosen)]
+        return kept, needed
+
+    def _rank(self, group: str, keys: np.ndarray) -> None:
+        best = self.best.get(group)
+        if self.limit == 0:
+            return
+        if best is not None and len(best) >= self.limit:
+            keys = keys[keys < best[-1]]
+        merged = np.union1d(best, keys) if best is not None else np.unique(keys)
+        self.best[group] = merged[: self.limit]
+
+    def _chosen(self) -> np.ndarray:
+        return np.unique(np.concatenate([np.zeros(0, dtype=np.uint64), *self.best.values()]))
+
+    def _ceiling(self) -> np.uint64 | None:
+        """Past this key no image can be selected any more; None: none can be at all."""
+        if self.limit == 0:
+            return None
+        full = [self.best.get(g) for g in self.groups]
+        if any(b is None or len(b) < self.limit for b in full):
+            return np.uint64(np.iinfo(np.uint64).max)
+        return max(b[-1] for b in full)
+
+    def _keep_spare(self, spare: np.ndarray) -> None:
+        ceiling = self._ceiling()
+        if ceiling is None or not len(spare):
+            return
+        spare = spare[spare[:, 0] <= ceiling]
+        if len(spare):
+            self.spare.append(spare)
+            self.spare_rows += len(spare)
+
+    def _prune_kept(self, chosen: np.ndarray) -> None:
+        kept = pd.concat(self.kept, ignore_index=True)
+        inside = np.isin(kept[self._KEY].to_numpy(), chosen)
+        left = kept.loc[~inside, [self._KEY, self._START, self._STOP]].to_numpy(dtype=np.uint64)
+        self._keep_spare(left)
+        self.kept = [kept.loc[inside]]
+        self.kept_rows = self.rows_after_prune = len(self.kept[0])
+
+    def _prune_spare(self) -> None:
+        ceiling = self._ceiling()
+        spare = np.concatenate(self.spare)
+        self.spare = [spare[spare[:, 0] <= ceiling]] if ceiling is not None else []
+        self.spare_rows = self.spare_after_prune = sum(len(x) for x in self.spare)
+
+
+def _bounded_rows(
+    csv_url: str, options: dict | None, selected: frozenset[str], bound: _SelectionBound
+) -> pd.DataFrame:
+    """The chosen images' rows in CSV order: those kept, and those read again from the file."""
+    kept, needed = bound.finish()
+    parts = [] if kept is None else [kept]
+    if len(needed):
+        starts, stops = needed[:, 1].astype(np.int64), needed[:, 2].astype(np.int64)
+        frame, _, malformed, _ = _BlockScan(selected)(
+            _Lines(_read_spans(csv_url, options, starts, stops))
+        )
+        keys = hash_order_keys(frame["ImageID"].tolist(), bound.seed)
+        # The same bytes were valid on the first pass; anything else means the file changed.
+        if malformed or len(frame) != len(needed) or not np.array_equal(keys, needed[:, 0]):
+            raise OistreamError(f"{csv_url} changed while it was read; run again")
+        parts.append(frame.assign(**{bound._START: starts}))
+    if not parts:
+        return _empty_rows()
+    rows = pd.concat(parts, ignore_index=True)
+    rows = rows.sort_values(bound._START, kind="stable", ignore_index=True)
+    return rows[list(COLUMNS)]
+
+
+def _read_spans(url: str, options: dict | None, starts: np.ndarray, stops: np.ndarray) -> bytes:
+    """The file's bytes at each (start, stop) in the order given, each followed by a newline.
+
+    Nearby spans share one ranged read, so a remote CSV costs a few requests, not one per line.
+    """
+    order = np.argsort(starts, kind="stable")
+    starts, stops = starts[order], stops[order]
+    first = np.concatenate(([0], np.flatnonzero(starts[1:] - stops[:-1] > _SPAN_GAP) + 1))
+    last = np.concatenate((first[1:], [len(starts)])) - 1
+    range_starts, range_stops = starts[first].tolist(), stops[last].tolist()
+    pieces = [b""] * len(starts)
+    try:
+        fs, path = sources.filesystem(url, options)
+    except Exception as error:
+        raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
+    batch_start = 0
+    while batch_start < len(first):  # a few MiB per batch of ranges: memory stays bounded
+        sizes = np.cumsum(np.subtract(range_stops[batch_start:], range_starts[batch_start:]))
+        batch_stop = batch_start + max(1, int(np.searchsorted(sizes, _SPAN_BATCH_BYTES)))
+        batch = range(batch_start, batch_stop)
+        try:
+            blobs = fs.cat_ranges(
+                [path] * len(batch),
+                range_starts[batch_start:batch_stop],
+                range_stops[batch_start:batch_stop],
+                on_error="raise",
+            )
+        except Exception as error:
+            raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
+        for r, blob in zip(batch, blobs, strict=True):
+            lo, hi = range_starts[r], range_stops[r]
+            if not isinstance(blob, bytes) or len(blob) != hi - lo:  # a server that ignored Range
+                raise OistreamError(f"{url} changed while it was read; run again")
+            for k in range(first[r], last[r] + 1):
+                pieces[order[k]] = blob[starts[k] - lo : stops[k] - lo]
+        batch_start = batch_stop
+    return b"".join(piece + b"\n" for piece in pieces)
 
 
 class _Lines:
@@ -400,6 +667,32 @@ def _repeated(constant: bytes, n: int) -> np.ndarray:
     return np.broadcast_to(np.frombuffer(constant, dtype=np.uint8), (n, len(constant)))
 
 
+def _published_clicks(lines: _Lines, candidates: np.ndarray) -> np.ndarray:
+    """Which Clicks fields are in the published form: ``d.ddddd d.ddddd t`` triples joined by ``;``.
+
+    That form is a subset of what the clicks pattern accepts, so a row passing here is valid;
+    a row failing here may still be valid and is left to the pattern. A field in that form, with
+    a ``;`` put after it, is whole 18-byte triples: the fields' bytes end to end are then checked
+    as one (triples, 18) array against a table of the bytes allowed at each place.
+    """
+    start, stop = lines.field_bounds(candidates, len(COLUMNS) - 1)
+    lengths = stop - start
+    ok = (lengths % len(_TRIPLE) == len(_TRIPLE) - 1) & (lengths > 0)
+    for first in range(0, len(candidates), _CLICKS_ROWS_PER_STEP):  # bounds the temporaries
+        rows = np.flatnonzero(ok[first : first + _CLICKS_ROWS_PER_STEP]) + first
+        if not len(rows):
+            continue
+        with_separator = lengths[rows] + 1  # the byte after a field (its line's end) becomes ";"
+        offsets = np.concatenate(([0], np.cumsum(with_separator)))
+        places = np.repeat(start[rows] - offsets[:-1], with_separator) + np.arange(offsets[-1])
+        values = lines.data[np.minimum(places, len(lines.data) - 1)]
+        values[offsets[1:] - 1] = ord(";")
+        triples = values.reshape(-1, len(_TRIPLE))
+        triple_ok = _TRIPLE_ALLOWED[_TRIPLE_COLUMNS + triples].all(axis=1)
+        ok[rows] = np.logical_and.reduceat(triple_ok, offsets[:-1] // len(_TRIPLE))
+    return ok
+
+
 def _parse_and_check_values(
     lines: _Lines, candidates: np.ndarray
 ) -> tuple[pd.DataFrame, list[_Check]]:
@@ -417,7 +710,11 @@ def _parse_and_check_values(
             & (box["BoxYMin"] <= box["BoxYMax"])
             & (box["BoxYMax"] <= 1)
         )
-    clicks_ok = frame["Clicks"].str.fullmatch(_CLICKS_PATTERN).to_numpy(dtype=bool)
+    # The regex costs ~9 us a row; rows in the published form pass a vectorised test instead.
+    clicks_ok = _published_clicks(lines, candidates)
+    if not clicks_ok.all():
+        rest = frame["Clicks"].to_numpy()[~clicks_ok]
+        clicks_ok[~clicks_ok] = [_CLICKS_RE.fullmatch(value) is not None for value in rest]
     if b"\r" in kept:  # CRLF line ends leave "\r" on the last field
         frame["Clicks"] = frame["Clicks"].str.rstrip("\r")
     return frame, [
@@ -561,10 +858,13 @@ class _Missing(Exception):
 
 def _read_line_blocks(
     url: str, options: dict | None, block_bytes: int, opener: Callable[[], Any] | None = None
-) -> Iterator[bytes | memoryview]:
-    """The first line, then blocks of complete newline-terminated lines, streamed from ``url``.
+) -> Iterator[tuple[int, bytes | memoryview]]:
+    """The first line, then blocks of complete newline-terminated lines, streamed from ``url``;
+    each with its offset in the file, so that a line can be read again by its place.
 
-    Only the storage calls are guarded: a failure there becomes a one-line OistreamError.
+    A line over MAX_ROW_BYTES is cut to a stub and handed out as a block of its own: the blocks
+    after it start where the file does. Only the storage calls are guarded: a failure there
+    becomes a one-line OistreamError.
     """
 
     def fail(error: Exception) -> OistreamError:
@@ -588,9 +888,11 @@ def _read_line_blocks(
         except Exception as error:
             raise fail(error) from error
         newline = start.find(b"\n")
-        yield start if newline < 0 else start[: newline + 1]
+        yield 0, start if newline < 0 else start[: newline + 1]
         # Blocks are handed out as views, not copies; only the partial last line is carried over.
         carry = b"" if newline < 0 else start[newline + 1 :]
+        carry_offset = newline + 1  # where carry starts in the file
+        position = len(start)  # where the next read starts
         skipping = newline < 0  # inside a line already too long: drop bytes up to its end
         while True:
             try:
@@ -599,23 +901,28 @@ def _read_line_blocks(
                 raise fail(error) from error
             if not chunk:
                 break
+            chunk_offset, position = position, position + len(chunk)
             if skipping:
                 newline = chunk.find(b"\n")
                 if newline < 0:
                     continue
-                chunk, skipping = chunk[newline:], False  # its newline ends the kept stub
+                # The stub, one byte over the cap, so the line is still seen and counted as
+                # malformed; what follows it starts a block at its true offset.
+                yield carry_offset, carry + b"\n"
+                carry, skipping = b"", False
+                chunk, chunk_offset = chunk[newline + 1 :], chunk_offset + newline + 1
+            data_offset = carry_offset if carry else chunk_offset
             data = carry + chunk if carry else chunk
             del chunk
             cut = data.rfind(b"\n") + 1
-            carry = data[cut:]
+            carry, carry_offset = data[cut:], data_offset + cut
             if len(carry) > MAX_ROW_BYTES:
-                # Keep a stub one byte over the cap, so the line is still seen and counted as
-                # malformed, and memory stays bounded however long the line runs.
+                # Memory stays bounded however long the line runs.
                 carry, skipping = carry[: MAX_ROW_BYTES + 1], True
             if cut:
                 complete = memoryview(data)[:cut]
                 del data  # the view alone keeps the block alive, for as long as the caller needs it
-                yield complete
+                yield data_offset, complete
                 del complete
         if carry:  # a last line without its newline
-            yield carry + b"\n"
+            yield carry_offset, carry + b"\n"

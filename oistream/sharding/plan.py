@@ -14,9 +14,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from oistream.format import mask_field, shard_name
-from oistream.sharding.catalog import OIClass, SegmentationTable, iter_image_instances
+from oistream.sharding.catalog import (
+    OIClass,
+    SegmentationTable,
+    hash_order_keys,
+    iter_image_instances,
+)
+from oistream.sharding.catalog import (
+    hash_order_key as hash_order_key,  # defined by the catalog, which ranks while it reads
+)
 from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
 
 
@@ -129,11 +138,6 @@ class Plan:
         return digest.hexdigest()
 
 
-def hash_order_key(image_id: str, seed: int) -> bytes:
-    """A seeded, version-proof hash: ID order is biased (prefix 0 first), hash order is not."""
-    return hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
-
-
 def select_images(
     table: SegmentationTable,
     classes: Sequence[OIClass],
@@ -141,19 +145,28 @@ def select_images(
     max_images: int | None,
     seed: int,
 ) -> list[str]:
-    """Per class the first ``per_class`` of its images in hash order; the union in hash order."""
+    """Per class the first ``per_class`` of its images in hash order; the union in hash order.
+
+    Vectorised over the rows: one hash per distinct image, then sorts of integer keys. Equal keys
+    (a 64-bit collision) keep the CSV's order of first appearance.
+    """
     rows = table.rows
     if rows.empty:
         return []
-    pairs = rows[["ImageID", "LabelName"]].drop_duplicates()
-    keys = {image_id: hash_order_key(image_id, seed) for image_id in pairs["ImageID"].unique()}
-    chosen: set[str] = set()
+    codes, image_ids = pd.factorize(rows["ImageID"], sort=False)
+    keys = hash_order_keys(image_ids.tolist(), seed)
+    labels = rows["LabelName"].to_numpy()
+    chosen = np.zeros(len(image_ids), dtype=bool)
     for oi_class in classes:
-        ids = pairs.loc[pairs["LabelName"] == oi_class.mid, "ImageID"].tolist()
-        ids.sort(key=keys.__getitem__)
-        chosen.update(ids if per_class is None else ids[:per_class])
-    ordered = sorted(chosen, key=keys.__getitem__)
-    return ordered if max_images is None else ordered[:max_images]
+        images = np.unique(codes[labels == oi_class.mid])  # in order of first appearance
+        if per_class is not None and len(images) > per_class:
+            images = images[np.argsort(keys[images], kind="stable")[:per_class]]
+        chosen[images] = True
+    picked = np.flatnonzero(chosen)
+    picked = picked[np.argsort(keys[picked], kind="stable")]
+    if max_images is not None:
+        picked = picked[:max_images]
+    return image_ids[picked].tolist()
 
 
 def make_plan(

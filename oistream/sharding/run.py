@@ -259,6 +259,8 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
             [c.mid for c in selected],
             metadata_options,
             opener=lambda: cache.open(csv_url, metadata_options, progress=bar.update),
+            # Only the rows of images this selection can take are kept: memory follows it.
+            selection=catalog.Selection(o.per_class, o.max_images, o.seed, wanted_ids),
         )
     finally:
         bar.close()
