@@ -148,10 +148,10 @@ def count_classes(
     instances: dict[bytes, int] = {}
     pairs: list[np.ndarray] = []
     with contextlib.closing(blocks):
-        header = bytes(next(blocks)).decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+        header = bytes(next(blocks)[1]).decode("utf-8", errors="replace").lstrip("\ufeff").strip()
         if header != catalog.HEADER:
             raise OistreamError(f"{csv_url}: unexpected header {header[:200]!r}")
-        for block in blocks:
+        for _, block in blocks:  # (offset in the file, block of whole lines)
             lines = catalog._Lines(block)
             candidates, labels = lines.select(wanted, width)
             if not len(candidates):
