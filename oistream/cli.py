@@ -276,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "train", help="train Mask R-CNN on shards (`oistream train --help`; extra [train])"
     )
+    commands.add_parser(
+        "predict",
+        help="run a trained checkpoint on images or shards (`oistream predict --help`; "
+        "extra [train])",
+    )
     fake = commands.add_parser(
         "fake-bucket",
         help="write a synthetic bucket with the real layout",
@@ -422,7 +427,7 @@ COMMANDS = {
 
 # Commands whose code lives in the trainer package (`train/` in a checkout, installed as
 # `oistream.trainer`); they parse their own arguments and need the `[train]` extra.
-TRAINER_COMMANDS = {"train": "cli"}
+TRAINER_COMMANDS = {"train": "cli", "predict": "predict"}
 
 
 def _trainer_module(name: str):

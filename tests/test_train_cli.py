@@ -98,7 +98,13 @@ def test_a_run_trains_evaluates_draws_and_checkpoints(shards: dict, tmp_path: Pa
     expected = {"model", "optimizer", "scheduler", "scaler", "step", "epoch", "rng", "args"}
     assert expected <= set(state)
     assert [c["name"] for c in state["classes"]] == [c["name"] for c in classes_table(2)]
-    assert state["layout"] == {"variant": "v2", "pretrained": False, "trainable_backbone_layers": 5}
+    assert state["layout"] == {
+        "variant": "v2",
+        "pretrained": False,
+        "trainable_backbone_layers": 5,
+        "backbone": "resnet50",
+        "weights": "none",
+    }
 
 
 def test_a_resumed_run_takes_the_same_next_step(shards: dict, tmp_path: Path) -> None:

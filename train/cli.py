@@ -153,7 +153,7 @@ def _run(
 
     resume_path, resume = _resume_state(args, out, classes)
     init_path, init = (None, None)
-    if resume is None and args.weights not in ("coco", "none"):
+    if resume is None and args.weights not in ("coco", "imagenet", "none"):
         init_path = args.weights
         init = ckpt.load_checkpoint(_local_weights(args.weights, args.endpoint_url))
         ckpt.check_classes(init, classes, init_path)
@@ -161,7 +161,7 @@ def _run(
     model = build_model(
         layout,
         num_classes,
-        coco_weights=args.weights == "coco" and resume is None,
+        pretrained_weights=args.weights in ("coco", "imagenet") and resume is None,
         min_size=args.min_size,
         max_size=args.max_size,
         rpn_batch_size_per_image=args.rpn_samples,
@@ -373,14 +373,12 @@ def _check_same_classes(
 
 
 def _layout(args: argparse.Namespace, state: dict[str, Any] | None, path: Any) -> Layout:
-    """The checkpoint's layout if one is loaded (it must agree with --model), else the flags'."""
+    """The checkpoint's layout if one is loaded (it records the architecture, so --backbone and
+    --model need not repeat it), else the flags'."""
     if state is None or "layout" not in state:
-        weights = args.weights if args.weights in ("coco", "none") else "none"
-        return layout_for(args.model, weights, args.trainable_backbone_layers)
-    layout = Layout.from_dict(state["layout"])
-    if layout.variant != args.model:
-        raise TrainError(f"{path} holds a {layout.variant} model: pass --model {layout.variant}")
-    return layout
+        weights = args.weights if args.weights in ("coco", "imagenet", "none") else "none"
+        return layout_for(args.model, weights, args.trainable_backbone_layers, args.backbone)
+    return Layout.from_dict(state["layout"])
 
 
 def _evaluate(
@@ -486,7 +484,7 @@ def _announce(
     names = ", ".join(c["name"] for c in classes[1:])
     start = f"resuming {resume_path}" if resume_path else f"weights {args.weights}"
     print(
-        f"Mask R-CNN R50-FPN {layout.variant} ({start}), {len(classes) - 1} classes: {names}\n"
+        f"{layout.describe()} ({start}), {len(classes) - 1} classes: {names}\n"
         f"{ranks.world_size} process(es) on {ranks.device}, AMP {precision}, "
         f"batch {args.batch_size}/rank, lr {schedule.lr:g}, {schedule.epochs} epochs x "
         f"{schedule.steps_per_epoch} steps -> {args.out}",

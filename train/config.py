@@ -81,11 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=("v1", "v2"), default="v1", help="R50-FPN v1 or v2")
+    model.add_argument(
+        "--backbone",
+        choices=("resnet50", "resnet101", "resnet18", "mobilenet_v3_large"),
+        default="resnet50",
+        help="the FPN's backbone",
+    )
+    model.add_argument(
+        "--model",
+        choices=("v1", "v2"),
+        default="v1",
+        help="heads: v1 (torchvision's original) or v2 (its v2 recipe: BatchNorm in the FPN and "
+        "heads, which trains from scratch far more stably)",
+    )
     model.add_argument(
         "--weights",
         default="coco",
-        help="coco (torchvision's COCO weights), none (random init) or a checkpoint path",
+        help="coco (torchvision's COCO Mask R-CNN weights: resnet50 only), imagenet (the "
+        "backbone's ImageNet weights), none (random init) or a checkpoint path (its "
+        "architecture comes with it: --backbone and --model are then ignored)",
     )
     model.add_argument(
         "--min-size",
@@ -102,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--trainable-backbone-layers",
         type=int,
         default=None,
-        help="ResNet stages left trainable with pretrained weights (0-5; torchvision's default 3)",
+        help="backbone stages left trainable with pretrained weights (0-5, MobileNet 0-6; "
+        "torchvision's default 3)",
     )
 
     model.add_argument(

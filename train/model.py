@@ -1,73 +1,159 @@
-"""torchvision Mask R-CNN R50-FPN (v1 or v2) with heads sized from the shards' classes."""
+"""torchvision Mask R-CNN with FPN on a ResNet-50/101/18 or MobileNetV3-Large backbone, v1 or v2
+heads, heads sized from the shards' classes.
+
+Every model is assembled from torchvision's own parts the way its builders assemble them
+(``maskrcnn_resnet50_fpn(_v2)``, ``_resnet_fpn_extractor``, ``_mobilenet_extractor`` as in
+``fasterrcnn_mobilenet_v3_large_fpn``), always with random weights first; pretrained weights
+are then loaded from torch's hub cache. So a checkpoint's ``Layout`` rebuilds its model exactly,
+offline, and every download goes through one place that turns a failure into one line naming
+the file to put in the cache.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+import torchvision
 from torch import nn
+from torchvision.models import (
+    MobileNet_V3_Large_Weights,
+    ResNet18_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    WeightsEnum,
+)
 from torchvision.models.detection import (
     MaskRCNN,
     MaskRCNN_ResNet50_FPN_V2_Weights,
     MaskRCNN_ResNet50_FPN_Weights,
-    maskrcnn_resnet50_fpn,
-    maskrcnn_resnet50_fpn_v2,
 )
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import (
+    _mobilenet_extractor,
+    _resnet_fpn_extractor,
+)
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import TrainError
 
-_BUILDERS = {
-    "v1": (maskrcnn_resnet50_fpn, MaskRCNN_ResNet50_FPN_Weights.COCO_V1),
-    "v2": (maskrcnn_resnet50_fpn_v2, MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
+BACKBONES = ("resnet50", "resnet101", "resnet18", "mobilenet_v3_large")
+VARIANTS = ("v1", "v2")
+WEIGHTS = ("coco", "imagenet", "none")  # or a checkpoint path
+DEFAULT_BACKBONE = "resnet50"
+
+# torchvision publishes COCO Mask R-CNN weights for R50-FPN only (v1 and v2).
+_COCO: dict[tuple[str, str], WeightsEnum] = {
+    ("resnet50", "v1"): MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+    ("resnet50", "v2"): MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+}
+# ImageNet classification weights of each trunk (what torchvision's detection builders use).
+_IMAGENET: dict[str, WeightsEnum] = {
+    "resnet50": ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": ResNet101_Weights.IMAGENET1K_V1,
+    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
+    "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
 }
 # torchvision's default for fine-tuning pretrained weights.
 PRETRAINED_TRAINABLE_LAYERS = 3
-_BACKBONE_STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
+# Stages a backbone has (all trainable from scratch): ResNet conv1 + 4 layers; MobileNetV3-Large
+# the 6 stages _mobilenet_extractor finds.
+_MAX_TRAINABLE = {"mobilenet_v3_large": 6}
+_RESNET_MAX_TRAINABLE = 5
+
+
+def max_trainable_layers(backbone: str) -> int:
+    return _MAX_TRAINABLE.get(backbone, _RESNET_MAX_TRAINABLE)
 
 
 @dataclass(frozen=True)
 class Layout:
     """What decides a model's parameters and buffers: saved with checkpoints so a checkpoint
-    can be rebuilt exactly (a COCO-initialised model has frozen BatchNorm and frozen stages)."""
+    can be rebuilt exactly without flags (a pretrained model has frozen BatchNorm and frozen
+    stages, and the BatchNorm eps depends on where the weights came from)."""
 
-    variant: str  # v1 | v2
-    pretrained: bool  # frozen BatchNorm in the ResNet, as torchvision builds pretrained models
-    trainable_backbone_layers: int  # 0-5
+    variant: str  # v1 | v2 heads (v2: torchvision's v2 recipe, BatchNorm in FPN and heads)
+    pretrained: bool  # frozen BatchNorm (v1) and frozen stages, as torchvision builds them
+    trainable_backbone_layers: int
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "none"  # where the initial weights came from: coco | imagenet | none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> Layout:
-        return cls(
+        """Also reads checkpoints written before backbones were selectable (R50, COCO or none)."""
+        pretrained = bool(value["pretrained"])
+        layout = cls(
             variant=str(value["variant"]),
-            pretrained=bool(value["pretrained"]),
+            pretrained=pretrained,
             trainable_backbone_layers=int(value["trainable_backbone_layers"]),
+            backbone=str(value.get("backbone", DEFAULT_BACKBONE)),
+            weights=str(value.get("weights", "coco" if pretrained else "none")),
         )
+        _check(layout)
+        return layout
+
+    def describe(self) -> str:
+        """``Mask R-CNN resnet18-FPN v2`` as the trainer and predict announce it."""
+        return f"Mask R-CNN {self.backbone}-FPN {self.variant}"
 
 
-def layout_for(variant: str, weights: str, trainable_backbone_layers: int | None) -> Layout:
-    """The layout ``--model``/``--weights coco|none`` produce (torchvision's rules)."""
-    if variant not in _BUILDERS:
+def _check(layout: Layout) -> None:
+    if layout.backbone not in BACKBONES:
+        raise TrainError(f"unknown backbone {layout.backbone!r}: choose {', '.join(BACKBONES)}")
+    if layout.variant not in VARIANTS:
+        raise TrainError(f"unknown model {layout.variant!r}: choose v1 or v2")
+    if layout.weights not in WEIGHTS:
+        raise TrainError(f"unknown weights {layout.weights!r}: choose coco, imagenet or none")
+    highest = max_trainable_layers(layout.backbone)
+    if not 0 <= layout.trainable_backbone_layers <= highest:
+        raise TrainError(f"--trainable-backbone-layers must be between 0 and {highest}")
+
+
+def layout_for(
+    variant: str,
+    weights: str,
+    trainable_backbone_layers: int | None,
+    backbone: str = DEFAULT_BACKBONE,
+) -> Layout:
+    """The layout ``--backbone``/``--model``/``--weights coco|imagenet|none`` produce
+    (torchvision's rules: pretrained weights train the top 3 stages by default)."""
+    if backbone not in BACKBONES:
+        raise TrainError(f"unknown backbone {backbone!r}: choose {', '.join(BACKBONES)}")
+    if variant not in VARIANTS:
         raise TrainError(f"unknown model {variant!r}: choose v1 or v2")
-    if weights == "coco":
+    if weights == "coco" and (backbone, variant) not in _COCO:
+        raise TrainError(
+            f"torchvision publishes COCO Mask R-CNN weights for resnet50 (v1, v2) only, not "
+            f"{backbone} {variant}: use --weights imagenet or none"
+        )
+    if weights in ("coco", "imagenet"):
         layers = (
             PRETRAINED_TRAINABLE_LAYERS
             if trainable_backbone_layers is None
             else trainable_backbone_layers
         )
-        if not 0 <= layers <= 5:
-            raise TrainError("--trainable-backbone-layers must be between 0 and 5")
-        return Layout(variant, pretrained=True, trainable_backbone_layers=layers)
-    # Untrained backbones train every stage (torchvision ignores a smaller value, with a warning).
-    return Layout(variant, pretrained=False, trainable_backbone_layers=5)
+        layout = Layout(variant, True, layers, backbone, weights)
+    elif weights == "none":
+        # Untrained backbones train every stage (torchvision ignores a smaller value, with a
+        # warning).
+        layout = Layout(variant, False, max_trainable_layers(backbone), backbone, "none")
+    else:
+        raise TrainError(f"unknown weights {weights!r}: choose coco, imagenet, none or a path")
+    _check(layout)
+    return layout
 
 
 def build_model(
@@ -75,44 +161,127 @@ def build_model(
     num_classes: int,
     *,
     coco_weights: bool = False,
+    pretrained_weights: bool | None = None,
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     **detector_options: Any,
 ) -> MaskRCNN:
     """Mask R-CNN with box and mask predictors for ``num_classes`` + 1 (background) classes.
 
-    ``coco_weights``: load torchvision's COCO weights (downloaded once into the torch hub cache;
-    offline without a cached copy this is one ``TrainError`` line) and replace both predictors.
-    Otherwise the weights are random and only the layout is built (for training from scratch,
-    or for loading a checkpoint). ``detector_options`` go to torchvision's ``MaskRCNN``.
-    Several ``min_size`` values: torchvision's transform resizes each training image to one
-    drawn at random and evaluates at the last.
+    ``pretrained_weights`` (``coco_weights`` is its older name): load the layout's COCO or
+    ImageNet weights (from the torch hub cache, downloaded once; offline without a cached copy
+    this is one ``TrainError`` line naming the file to place there). Otherwise the weights are
+    random and only the layout is built (for training from scratch or loading a checkpoint).
+    ``detector_options`` go to torchvision's ``MaskRCNN``. Several ``min_size`` values:
+    torchvision's transform resizes each training image to one drawn at random and evaluates
+    at the last.
     """
-    builder, coco = _BUILDERS[layout.variant]
+    _check(layout)
+    load = coco_weights if pretrained_weights is None else pretrained_weights
+    if load and not layout.pretrained:
+        raise ValueError("pretrained weights come with a pretrained layout")
     options = dict(min_size=min_size, max_size=max_size, **detector_options)
-    if coco_weights:
-        if not layout.pretrained:
-            raise ValueError("COCO weights come with the pretrained layout")
-        try:
-            # torch.hub announces the download on stderr before failing offline: keep the
-            # failure to our one line.
-            with contextlib.redirect_stderr(io.StringIO()):
-                model = builder(
-                    weights=coco,
-                    progress=False,
-                    trainable_backbone_layers=layout.trainable_backbone_layers,
-                    **options,
-                )
-        except (OSError, RuntimeError, ValueError) as error:
-            # URLError is an OSError; a truncated download surfaces as RuntimeError.
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise TrainError(f"cannot download COCO weights (offline?): {reason}") from None
+    coco = layout.weights == "coco"
+    if coco and load:
+        # COCO's 91-class heads first, so the published state dict loads as is.
+        model = _assemble(layout, 91, options)
+        _load(model, _COCO[(layout.backbone, layout.variant)], "COCO")
         _replace_predictors(model, num_classes + 1)
         return model
-    model = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **options)
-    if layout.pretrained:
-        _freeze_like_pretrained(model, layout)
+    model = _assemble(layout, num_classes + 1, options)
+    if load:
+        # The extractor froze stages already; loading weights keeps requires_grad as it is.
+        _load(model.backbone.body, _IMAGENET[layout.backbone], "ImageNet")
     return model
+
+
+def _norm_layer(layout: Layout) -> Callable[..., nn.Module]:
+    """The trunk's normalisation as torchvision's builders choose it: frozen BatchNorm for
+    pretrained v1 models (eps 0 for the R50 COCO v1 weights, which torchvision overwrites),
+    trainable BatchNorm otherwise (v2 keeps it even when pretrained)."""
+    if layout.pretrained and layout.variant == "v1":
+        eps = 0.0 if layout.weights == "coco" else 1e-5
+        return functools.partial(FrozenBatchNorm2d, eps=eps)
+    return nn.BatchNorm2d
+
+
+def _assemble(layout: Layout, classes_with_background: int, options: dict) -> MaskRCNN:
+    norm = _norm_layer(layout)
+    fpn_norm = nn.BatchNorm2d if layout.variant == "v2" else None
+    layers = layout.trainable_backbone_layers
+    if layout.backbone == "mobilenet_v3_large":
+        trunk = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm)
+        backbone = _mobilenet_extractor(trunk, True, layers, norm_layer=fpn_norm)
+        # Three feature maps (C4, C5, pool), each with every anchor size, as torchvision's
+        # fasterrcnn_mobilenet_v3_large_fpn has them.
+        sizes = ((32, 64, 128, 256, 512),) * 3
+    else:
+        trunk = getattr(torchvision.models, layout.backbone)(weights=None, norm_layer=norm)
+        backbone = _resnet_fpn_extractor(trunk, layers, norm_layer=fpn_norm)
+        sizes = ((32,), (64,), (128,), (256,), (512,))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    heads: dict[str, nn.Module] = {}
+    if layout.variant == "v2":
+        channels = backbone.out_channels
+        heads = {
+            "rpn_head": RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+            "box_head": FastRCNNConvFCHead(
+                (channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d
+            ),
+            "mask_head": MaskRCNNHeads(
+                channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d
+            ),
+        }
+    return MaskRCNN(
+        backbone,
+        num_classes=classes_with_background,
+        rpn_anchor_generator=anchors,
+        **heads,
+        **options,
+    )
+
+
+def _load(module: nn.Module, weights: WeightsEnum, what: str) -> None:
+    """Load ``weights`` (from the hub cache or downloaded into it) into ``module``."""
+    url = weights.url
+    filename = os.path.basename(urlparse(url).path)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    try:
+        # torch.hub announces the download on stderr before failing offline: keep the
+        # failure to our one line.
+        with contextlib.redirect_stderr(io.StringIO()):
+            state = weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        # URLError is an OSError; a truncated download or a bad hash surfaces as RuntimeError.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TrainError(
+            f"cannot download {what} weights (offline?): {reason}; place {filename} (from "
+            f"{url}) in {folder}"
+        ) from None
+    if what == "ImageNet":
+        state = _imagenet_state_for(module, state)
+    module.load_state_dict(state)
+
+
+def _imagenet_state_for(body: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """The ImageNet trunk's weights under the names its copy inside the detector has.
+
+    ResNet bodies keep the trunk's names (``layer1.0.conv1.weight``) minus the classifier;
+    MobileNet's body is ``trunk.features`` re-rooted (``features.3.block`` -> ``3.block``).
+    """
+    wanted = body.state_dict().keys()
+    renamed = {}
+    for name, value in state.items():
+        key = name.removeprefix("features.")
+        if key in wanted:
+            renamed[key] = value
+    missing = [k for k in wanted if k not in renamed and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise TrainError(f"ImageNet weights do not fit the backbone: {missing[0]} is missing")
+    for key in wanted:
+        if key.endswith("num_batches_tracked") and key not in renamed:
+            renamed[key] = torch.zeros((), dtype=torch.long)
+    return renamed
 
 
 def _replace_predictors(model: MaskRCNN, classes_with_background: int) -> None:
@@ -124,25 +293,6 @@ def _replace_predictors(model: MaskRCNN, classes_with_background: int) -> None:
     )
 
 
-def _freeze_like_pretrained(model: MaskRCNN, layout: Layout) -> None:
-    """Give a randomly initialised model the layout torchvision gives a pretrained one: frozen
-    early ResNet stages and, for v1 only, FrozenBatchNorm2d with eps 0 in the ResNet body (v2
-    keeps ordinary BatchNorm2d even when pretrained)."""
-    body = model.backbone.body
-    if layout.variant == "v1":
-        for name, module in list(body.named_modules()):
-            if isinstance(module, nn.BatchNorm2d):
-                parent_name, _, child = name.rpartition(".")
-                parent = body.get_submodule(parent_name) if parent_name else body
-                setattr(parent, child, FrozenBatchNorm2d(module.num_features, eps=0.0))
-    trained = _BACKBONE_STAGES[: layout.trainable_backbone_layers]
-    if layout.trainable_backbone_layers == 5:
-        trained.append("bn1")
-    for name, parameter in body.named_parameters():
-        if not any(name.startswith(stage) for stage in trained):
-            parameter.requires_grad_(False)
-
-
 def load_model_state(model: MaskRCNN, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load a state dict, turning an architecture mismatch into one ``TrainError`` line."""
     try:
@@ -150,3 +300,46 @@ def load_model_state(model: MaskRCNN, state: dict[str, torch.Tensor], origin: st
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise TrainError(f"{origin} does not fit this model: {first}") from None
+
+
+# Inference settings a checkpoint's ``args`` carry, with the trainer's option names.
+_INFERENCE_OPTIONS = {
+    "test_proposals": "rpn_post_nms_top_n_test",
+    "detections_per_image": "box_detections_per_img",
+}
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], origin: str, **overrides: Any
+) -> tuple[MaskRCNN, list[dict[str, Any]], Layout]:
+    """Rebuild a trained model from one of our checkpoints without being told its architecture.
+
+    Returns the model (weights loaded, on the CPU), the classes it predicts (index 0 is
+    background) and its layout. ``overrides`` replace ``MaskRCNN`` options (e.g.
+    ``box_score_thresh``).
+    """
+    classes = checkpoint.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise TrainError(f"{origin} records no classes: is it a checkpoint of `oistream train`?")
+    layout_dict = checkpoint.get("layout")
+    if not isinstance(layout_dict, dict):
+        raise TrainError(f"{origin} records no model layout: is it a checkpoint of this trainer?")
+    try:
+        layout = Layout.from_dict(layout_dict)
+    except (KeyError, TypeError, ValueError) as error:
+        raise TrainError(f"{origin} has an unreadable model layout: {error}") from None
+    args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    options: dict[str, Any] = {}
+    min_size = args.get("min_size", 800)
+    options["min_size"] = min_size if isinstance(min_size, int) else list(min_size)
+    options["max_size"] = int(args.get("max_size", 1333))
+    for ours, theirs in _INFERENCE_OPTIONS.items():
+        if ours in args:
+            options[theirs] = int(args[ours])
+    options.update(overrides)
+    model = build_model(layout, len(classes) - 1, **options)
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict):
+        raise TrainError(f"{origin} holds no model state dict")
+    load_model_state(model, state, origin)
+    return model, classes, layout
