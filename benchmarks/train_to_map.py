@@ -14,7 +14,8 @@ Run: ``python -m train`` itself, as a user would, with ``--stop-at-map 0.9`` and
 ``--time-limit-minutes`` budget; it evaluates every ``--eval-every`` epochs on at most
 ``--max-val-images`` validation images (Open Images-style mask mAP@0.5 and COCO AP, the
 trainer's ``eval.json``). COCO weights cannot be downloaded offline and no ImageNet backbone is
-at hand, so the model starts from random weights: R50-FPN v2, whose BatchNorm heads train from
+at hand, so the model starts from random weights: R50-FPN v2 by default (``--backbone resnet101|
+resnet18|mobilenet_v3_large`` for the others), whose BatchNorm heads train from
 scratch far more stably than v1's, images at their own size (min and max size = the long
 side: never rescaled), a large batch with a warm-up, cosine decay and gradient clipping, 256
 sampled proposals per image for the heads and 500 kept at evaluation.
@@ -67,6 +68,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-val-images", type=int, default=200)
     parser.add_argument("--workers", type=int, default=min(12, max((os.cpu_count() or 2) - 2, 1)))
     parser.add_argument("--model", choices=("v1", "v2"), default="v2")
+    parser.add_argument(
+        "--backbone",
+        choices=("resnet50", "resnet101", "resnet18", "mobilenet_v3_large"),
+        default="resnet50",
+        help="the FPN's backbone (one run per backbone gives the per-backbone figure)",
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny run on the CPU")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -87,7 +94,7 @@ def main() -> int:
     command = [
         sys.executable, "-m", "train", "--train", str(shards["train"]),
         "--val", str(shards["validation"]), "--out", str(out),
-        "--model", args.model, "--weights", "none",
+        "--backbone", args.backbone, "--model", args.model, "--weights", "none",
         "--min-size", str(args.image_size), "--max-size", str(args.image_size),
         "--batch-size", str(args.batch_size), "--workers", str(args.workers),
         "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--clip-grad", "10",
@@ -111,7 +118,7 @@ def main() -> int:
         return 1
 
     history = json.loads((out / "eval.json").read_text())["history"]
-    print(f"device: {card}; torch {torch.__version__}")
+    print(f"device: {card}; torch {torch.__version__}; {args.backbone}-FPN {args.model}")
     print(
         f"mAP curve ({args.images} train images at {args.image_size} px, batch {args.batch_size}):"
     )
