@@ -25,6 +25,7 @@ from train.model import (
     max_trainable_layers,
     model_from_checkpoint,
 )
+from train.rundir import RunDir
 
 TINY = {
     "min_size": 64,
@@ -186,7 +187,9 @@ def test_weights_path_takes_the_architecture_from_the_checkpoint(tmp_path: Path)
         ]
     )
     assert status == 0
-    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    found = RunDir(str(out)).latest_checkpoint()
+    assert found is not None
+    state = ckpt.load_checkpoint(found[2])
     assert Layout.from_dict(state["layout"]) == layout
     # It started from the checkpoint's weights: one small step moved them only a little.
     before = model.state_dict()["backbone.fpn.layer_blocks.0.0.weight"]
