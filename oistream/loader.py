@@ -296,6 +296,31 @@ class _TeeToCache(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Back to the start (the reader peeks at the magic bytes) restarts the copy; any
+        other jump would leave a hole in it, so the copy is given up."""
+        position = self.stream.seek(offset, whence)
+        if position == 0 and self.copy is not None:
+            self.copy.seek(0)
+            self.copy.truncate()
+            self.digest, self.size = hashlib.sha256(), 0
+        elif position != self.size:
+            self._drop_copy()
+        return position
+
+    def _drop_copy(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
+            self.copy = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.partial)
+
     def readinto(self, buffer: Any) -> int:
         data = self.stream.read(len(buffer))
         self._keep(data)
@@ -330,11 +355,7 @@ class _TeeToCache(io.RawIOBase):
                 os.unlink(self.partial)
 
     def close(self) -> None:
-        if self.copy is not None:  # abandoned before the end: no copy
-            self.copy.close()
-            self.copy = None
-            with contextlib.suppress(OSError):
-                os.unlink(self.partial)
+        self._drop_copy()  # abandoned before the end: no copy
         self.stream.close()
         super().close()
 
