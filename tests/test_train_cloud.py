@@ -300,3 +300,13 @@ def test_checkpoint_every_takes_steps_or_minutes() -> None:
     assert (args.checkpoint_every, args.checkpoint_every_s) == (250, None)
     args = cli.parse_args(["--train", "t", "--out", "o", "--shard-cache-size", "2G"])
     assert args.shard_cache_size == 2 * 2**30
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys) -> None:
+    args = ["--train", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *CHEAP]
+    assert main(args) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert main([*args, "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("python -m train: error: cannot open shards")
