@@ -141,6 +141,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shuffle", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=1, help="timings per case (best kept)")
+    parser.add_argument(
+        "--sources", nargs="*", default=["local", "s3"], help="where part 1 reads (none: skip)"
+    )
+    parser.add_argument("--skip-bytes", action="store_true", help="skip part 2")
     args = parser.parse_args()
 
     import torch
@@ -164,6 +168,8 @@ def main() -> None:
                        "s3": (f"s3://{bucket}/train", proxy.endpoint_url)}  # fmt: skip
             print("\n1. seconds from process start to the first batch after the position")
             for where, (source, endpoint) in sources.items():
+                if where not in args.sources:
+                    continue
                 seconds: dict[tuple[str, int], float] = {}
                 firsts: dict[tuple[str, int], str] = {}
                 for percent in (10, 90):
@@ -190,6 +196,8 @@ def main() -> None:
                       f"{'met' if ratio <= 1.3 else 'MISSED'}); replay 90%/10% = {replay:.2f}x; "
                       f"replay/seek at 90% = {gain:.1f}x")  # fmt: skip
 
+            if args.skip_bytes:
+                return
             print("\n2. bytes read from s3:// over 3 one-pass epochs, over the shards' size")
             source, endpoint = sources["s3"]
             for label, cache in (("with shard_cache", work / "cache"), ("without", None)):

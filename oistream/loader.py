@@ -1076,13 +1076,20 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
-    # Ctrl-C reaches the whole process group and a scheduler's SIGTERM may too: the main
-    # process decides when to stop (a trainer finishes its step first) and ends the workers.
+    # Ctrl-C reaches the whole process group: the main process decides when to stop (a
+    # trainer finishes its step first) and ends the workers. A scheduler's SIGTERM to the
+    # group must still end a worker (DataLoader shutdown and multiprocessing's exit terminate
+    # workers with it), but quietly: exit status 0 does not make torch's SIGCHLD handler abort
+    # the main process in the middle of its step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
     # Load the mask kernel (numba's on-disk cache: compiled once per machine) before the first
     # batch, so that batch is not seconds late.
     warm_up()
+
+
+def _exit_quietly(number: int, frame: Any) -> None:
+    os._exit(0)
 
 
 class ShardLoader(DataLoader):
