@@ -234,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.attempt_timeout,
         help=f"deadline of one request attempt in seconds (default: {defaults.attempt_timeout:g})",
     )
+    shard.add_argument(
+        "--evaluation-annotations",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.evaluation_annotations,
+        help="carry boxes, verified image-level labels and the hierarchy for `oistream "
+        "evaluate` (default: on for validation and test, off for train)",
+    )
+    shard.add_argument(
+        "--expand-hierarchy",
+        action="store_true",
+        help="a class stands for itself and its segmentable descendants (e.g. Vehicle)",
+    )
     shard.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_locations(shard)
 
@@ -272,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--out", required=True, help="folder for annotations.json and images/")
     coco.add_argument("--no-images", action="store_true", help="write annotations.json only")
     _add_endpoint(coco)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="Open Images challenge mask mAP and COCO AP of a predictions file"
+    )
+    evaluate.add_argument("shards", help="shard folder or URL (the ground truth)")
+    evaluate.add_argument(
+        "predictions",
+        help="challenge CSV (ImageID,ImageWidth,ImageHeight,LabelName,Score,Mask) or a JSON "
+        "list of {image_id, label, score, mask: {size, counts}}",
+    )
+    evaluate.add_argument("--out", help="also write the result to this JSON file")
+    _add_endpoint(evaluate)
 
     commands.add_parser(
         "train", help="train Mask R-CNN on shards (`oistream train --help`; extra [train])"
@@ -359,6 +383,8 @@ def _shard(args: argparse.Namespace) -> None:
         cache=args.cache,
         image_ids=args.image_ids,
         dry_run=args.dry_run,
+        evaluation_annotations=args.evaluation_annotations,
+        expand_hierarchy=args.expand_hierarchy,
     )
     reports = run_splits(options)
     print("\n".join(format_summary(report, report.out) for report in reports))
@@ -387,6 +413,23 @@ def _show(args: argparse.Namespace) -> None:
 
     options = sources.storage_options(args.source, args.endpoint_url)
     print(render_sample(args.source, key=args.key, out=args.out, storage_options=options))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from oistream.evaluation import evaluate_shards, json_safe
+
+    options = sources.storage_options(args.shards, args.endpoint_url)
+    result = json_safe(evaluate_shards(args.shards, args.predictions, options))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as error:
+            raise OistreamError(f"cannot write {args.out}: {error.strerror or error}") from None
 
 
 def _fake_bucket(args: argparse.Namespace) -> None:
@@ -421,6 +464,7 @@ COMMANDS = {
     "inspect": _inspect,
     "show": _show,
     "export": _export,
+    "evaluate": _evaluate,
     "fake-bucket": _fake_bucket,
 }
 

@@ -68,3 +68,9 @@ class ShardOptions:
     cache: str | None = DEFAULT_CACHE
     image_ids: str | None = None
     dry_run: bool = False
+    # Boxes, verified image-level labels and the hierarchy for the challenge metric. None: on for
+    # validation and test (skipped with a note when the metadata root lacks their files), off
+    # for train (its box CSV is 1.1 GB); True: on, and their files must be there.
+    evaluation_annotations: bool | None = None
+    # Each class given stands for itself (if segmentable) and its segmentable descendants.
+    expand_hierarchy: bool = False

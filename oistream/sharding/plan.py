@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,8 @@ class SampleSpec:
     image_id: str
     # JSON-ready instance records (DESIGN section 4) in CSV order, ``class_index`` filled in.
     instances: list[dict[str, Any]]
+    # Additive sample JSON fields: the evaluation annotations (``image_labels``, ``boxes``).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,6 +73,14 @@ class Plan:
         self._rows = rows[rows["ImageID"].isin(selected)] if len(rows) else rows
         self._positions = self._rows.groupby("ImageID", sort=False).indices if selected else {}
         self._class_index = {c.mid: i for i, c in enumerate(self.classes, start=1)}
+        self.annotations: dict[str, dict[str, Any]] = {}
+        # The manifest's record of them (hierarchy, sources), set with them; None when off.
+        self.evaluation_record: dict[str, Any] | None = None
+        self.plan_hash = self._compute_hash()
+
+    def attach_annotations(self, per_image: dict[str, dict[str, Any]]) -> None:
+        """Give each sample its evaluation annotations; they are part of the plan's hash."""
+        self.annotations = per_image
         self.plan_hash = self._compute_hash()
 
     @property
@@ -94,9 +104,8 @@ class Plan:
             for image_id, instances in iter_image_instances(table, ids):
                 for instance in instances:
                     instance["class_index"] = self._class_index[instance["label"]]
-                samples.append(
-                    SampleSpec(image_id, [_instance_record(k, x) for k, x in enumerate(instances)])
-                )
+                records = [_instance_record(k, x) for k, x in enumerate(instances)]
+                samples.append(SampleSpec(image_id, records, self.annotations.get(image_id, {})))
         return ShardSpec(index, self.shard_names[index], samples)
 
     def shards(self) -> Iterator[ShardSpec]:
@@ -132,9 +141,11 @@ class Plan:
         for shard in self.shards():
             digest.update(shard.name.encode())
             for sample in shard.samples:
-                digest.update(
-                    json.dumps([sample.image_id, sample.instances], sort_keys=True).encode()
+                # Without annotations, the hash is what it was before they existed.
+                fields = [sample.image_id, sample.instances] + (
+                    [sample.extra] if sample.extra else []
                 )
+                digest.update(json.dumps(fields, sort_keys=True).encode())
         return digest.hexdigest()
 
 

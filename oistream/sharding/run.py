@@ -28,7 +28,7 @@ import oistream
 from oistream import sources
 from oistream.errors import OistreamError, one_line
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
-from oistream.sharding import catalog, executors
+from oistream.sharding import annotations, catalog, executors
 from oistream.sharding.cache import MetadataCache, default_cache_dir
 from oistream.sharding.fetch import RetryPolicy
 from oistream.sharding.locate import MemberLocations, locate_members
@@ -138,7 +138,10 @@ def run_splits(options: ShardOptions) -> list[RunReport]:
     known = catalog.load_classes(
         options.metadata, metadata_options, cat=lambda url: cache.cat(url, metadata_options)
     )
-    selected = catalog.resolve_classes(list(options.classes), known)
+    queries = list(options.classes)
+    if options.expand_hierarchy:
+        queries = annotations.expanded_queries(queries, known, options.metadata, metadata_options)
+    selected = catalog.resolve_classes(queries, known)
     class_stats = dataclasses.replace(cache.stats)
 
     prepared = []
@@ -289,6 +292,7 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
     for oi_class, count in zip(selected, plan.images_per_class(set()).values(), strict=True):
         if count == 0:
             _warn(report, f"no {split} images carry {oi_class.name} ({oi_class.mid})")
+    annotations.annotate_plan(plan, table, o.metadata, o.evaluation_annotations, metadata_options)
 
     location = OutputLocation(out, out_options)
     replacing = _previous_plan_differs(location, plan, o.overwrite)
@@ -453,6 +457,8 @@ def _execute(item: _Prepared, leases: list[Lease]) -> None:
             "rerun the same command to finish them"
         )
     report.manifest = build_manifest(plan, results, o.images, o.metadata, item.table)
+    if plan.evaluation_record is not None:
+        report.manifest.update(plan.evaluation_record)
     item.location.write_json(MANIFEST_NAME, report.manifest)
 
 

@@ -231,6 +231,7 @@ async def _fetch_sample(
         "width": width,
         "height": height,
         "instances": sample.instances,
+        **sample.extra,
     }
     fields["json"] = json.dumps(record, separators=(",", ":")).encode()
     return fields

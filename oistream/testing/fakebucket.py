@@ -8,6 +8,10 @@
     root/openimages/v5/classes-segmentation.txt
     root/openimages/v5/class-descriptions-boxable.csv               no header (V5)
     root/openimages/v7/oidv7-class-descriptions-boxable.csv         header (V7)
+    root/openimages/v5/{validation,test}-annotations-bbox.csv       boxes (IsGroupOf, box-only)
+    root/openimages/2018_04/train/train-annotations-bbox.csv        train's boxes (V4 path)
+    root/openimages/v5/{split}-annotations-human-imagelabels-boxable.csv   verified labels
+    root/openimages/2018_04/bbox_labels_600_hierarchy.json          the class hierarchy
 
 Served by ``oistream.testing.s3server`` as the buckets ``open-images-dataset`` and ``openimages``, a
 program cannot tell it from the real thing by its layout. It reproduces the traits that break
@@ -26,6 +30,7 @@ Everything is seeded: the same arguments give the same bytes.
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 import os
 import struct
@@ -67,10 +72,16 @@ _UNUSED_SEGMENTABLE = [
     ("/m/02pv19", "Stop sign"),
 ]
 # ...and boxable classes without masks: the boxable list is longer than the segmentable one.
+# Vehicle, Land vehicle, Animal, Mammal and Carnivore are parents in the hierarchy.
 _BOXABLE_ONLY = [
     ("/m/011k07", "Tortoise"),
     ("/m/011q46kg", "Container"),
     ("/m/012074", "Magpie"),
+    ("/m/07yv9", "Vehicle"),
+    ("/m/01prls", "Land vehicle"),
+    ("/m/0jbk", "Animal"),
+    ("/m/04rky", "Mammal"),
+    ("/m/01lrl", "Carnivore"),
 ]
 
 _DISPLAY_NAMES = {
@@ -89,6 +100,62 @@ FAKE_CLASSES: list[tuple[str, str]] = sorted(
     [*_DISPLAY_NAMES.items(), *_UNUSED_SEGMENTABLE, *_BOXABLE_ONLY]
 )
 SEGMENTABLE_MIDS: list[str] = sorted([*SCENE_MIDS, *(mid for mid, _ in _UNUSED_SEGMENTABLE)])
+
+BOX_HEADER = (
+    "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,"
+    "IsDepiction,IsInside"
+)
+IMAGE_LABELS_HEADER = "ImageID,Source,LabelName,Confidence"
+HIERARCHY_ROOT = "/m/0bl9f"  # "Entity", as in bbox_labels_600_hierarchy.json
+
+
+def _leaf(mid: str) -> dict[str, Any]:
+    return {"LabelName": mid}
+
+
+# A part of the real bbox_labels_600_hierarchy.json (real MIDs and links, Subcategory only).
+FAKE_HIERARCHY: dict[str, Any] = {
+    "LabelName": HIERARCHY_ROOT,
+    "Subcategory": [
+        _leaf("/m/011q46kg"),
+        _leaf(PERSON),
+        _leaf(TRAFFIC_LIGHT),
+        {"LabelName": TRAFFIC_SIGN, "Subcategory": [_leaf("/m/02pv19")]},
+        _leaf("/m/01pns0"),
+        {
+            "LabelName": "/m/07yv9",
+            "Subcategory": [
+                {
+                    "LabelName": "/m/01prls",
+                    "Subcategory": [
+                        _leaf(CAR),
+                        _leaf("/m/01bjv"),
+                        _leaf("/m/07r04"),
+                        _leaf("/m/04_sv"),
+                        _leaf(BICYCLE),
+                    ],
+                }
+            ],
+        },
+        {
+            "LabelName": "/m/0jbk",
+            "Subcategory": [
+                {"LabelName": "/m/015p6", "Subcategory": [_leaf("/m/012074")]},
+                _leaf("/m/011k07"),
+                {
+                    "LabelName": "/m/04rky",
+                    "Subcategory": [
+                        {"LabelName": "/m/01lrl", "Subcategory": [_leaf(DOG), _leaf(CAT)]},
+                        _leaf(HORSE),
+                    ],
+                },
+            ],
+        },
+    ],
+}
+# Of every this many images, one gets a box without a mask and one a group-of box.
+_BOX_ONLY_EVERY = 3
+_GROUP_OF_EVERY = 4
 
 # Real masks have a long side of 1600 px where the image's is 1024.
 MASK_SCALE = 1600 / 1024
@@ -667,6 +734,58 @@ def _write_class_lists(metadata: Path) -> None:
     )
 
 
+def _box_path(metadata: Path, split: str) -> Path:
+    if split == "train":
+        return metadata / "2018_04" / "train" / "train-annotations-bbox.csv"
+    return metadata / "v5" / f"{split}-annotations-bbox.csv"
+
+
+def _write_evaluation_files(
+    metadata: Path, split: str, ids: list[str], rows: list[_Row], rng: np.random.Generator
+) -> None:
+    """The split's box CSV (a row per mask, plus boxes without masks and group-of boxes), its
+    human-verified image-level labels (positives, negatives, classes without boxes) and the
+    hierarchy, at the real paths with the real headers."""
+    hierarchy = metadata / "2018_04" / "bbox_labels_600_hierarchy.json"
+    hierarchy.parent.mkdir(parents=True, exist_ok=True)
+    hierarchy.write_text(json.dumps(FAKE_HIERARCHY, indent=4) + "\n", encoding="utf-8")
+    by_image: dict[str, list[_Row]] = {}
+    for row in rows:
+        by_image.setdefault(row.image_id, []).append(row)
+    boxes: list[str] = []
+    labels: list[str] = []
+    absent = [DOG, CAT, HORSE, BICYCLE, TRAFFIC_SIGN, "/m/01bjv", "/m/07r04", "/m/011k07"]
+    for j, image_id in enumerate(sorted(ids)):
+        present: set[str] = set()
+        for row in by_image.get(image_id, []):
+            xmin, xmax, ymin, ymax = row.instance.box
+            boxes.append(f"{image_id},xclick,{row.mid},1,{xmin},{xmax},{ymin},{ymax},0,0,0,0,0")
+            present.add(row.mid)
+        coords = sorted(float(v) for v in rng.uniform(0.0, 1.0, 4))
+        x0, x1, y0, y1 = (_fmt_coordinate(v) for v in (coords[0], coords[2], coords[1], coords[3]))
+        if j % _BOX_ONLY_EVERY == 0:  # an object annotated with a box only
+            mid = _pick(rng, TARGET_MIDS)
+            boxes.append(f"{image_id},xclick,{mid},1,{x0},{x1},{y0},{y1},1,0,0,0,0")
+            present.add(mid)
+        if j % _GROUP_OF_EVERY == 1:  # a crowd of people in one box
+            boxes.append(f"{image_id},xclick,{PERSON},1,{x0},{x1},{y0},{y1},1,0,1,0,0")
+            present.add(PERSON)
+        verified = {mid: 1 for mid in present}
+        for mid in rng.choice(absent, size=2, replace=False):
+            verified.setdefault(str(mid), 0)  # verified absent
+        if j % 5 == 2:  # verified present but never boxed
+            verified.setdefault(str(_pick(rng, ["/m/011q46kg", "/m/01bjv", TRAFFIC_LIGHT])), 1)
+        labels.extend(
+            f"{image_id},verification,{mid},{flag}" for mid, flag in sorted(verified.items())
+        )
+    path = _box_path(metadata, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(BOX_HEADER + "\n" + "".join(b + "\n" for b in boxes), encoding="utf-8")
+    (metadata / "v5" / f"{split}-annotations-human-imagelabels-boxable.csv").write_text(
+        IMAGE_LABELS_HEADER + "\n" + "".join(line + "\n" for line in labels), encoding="utf-8"
+    )
+
+
 def make_fake_bucket(
     root: str | os.PathLike,
     images: int = 64,
@@ -763,6 +882,10 @@ def make_fake_bucket(
                 members,
                 force_zip64=zip64 or split != "train",
             )
+
+        _write_evaluation_files(
+            metadata, split, ids, rows, np.random.default_rng([seed, 4000, split_index])
+        )
 
         summary["splits"][split] = {
             "images": len(ids),
