@@ -611,8 +611,15 @@ def json_safe(value: Any) -> Any:
 
 def encode_mask(binary: np.ndarray) -> dict[str, Any]:
     """A binary [H, W] mask -> COCO RLE ``{"size", "counts": bytes}``."""
-    fortran = np.asfortranarray(binary.astype(np.uint8)[:, :, None])
-    return _mask_api().encode(fortran)[0]
+    return encode_masks(binary[None])[0]
+
+
+def encode_masks(binary: np.ndarray) -> list[dict[str, Any]]:
+    """Binary masks [N, H, W] -> COCO RLEs, in one library call."""
+    if len(binary) == 0:
+        return []
+    fortran = np.asfortranarray(binary.astype(np.uint8).transpose(1, 2, 0))
+    return list(_mask_api().encode(fortran))
 
 
 def checked_rle(counts: bytes, height: int, width: int, where: str) -> dict[str, Any] | None:
@@ -842,17 +849,14 @@ class ShardGroundTruth:
 
 def load_ground_truth(source: str, options: dict[str, Any] | None = None) -> ShardGroundTruth:
     """Read a shard folder (its ``manifest.json`` and tars) into ground truth for evaluation."""
+    from oistream import format as shard_format
     from oistream import sources
 
+    manifest = shard_format.read_manifest(source, options)
+    if manifest is None:
+        raise OistreamError(f"no manifest.json in {source}: not a shard folder")
     fs, root = sources.filesystem(source, options)
     root = root.rstrip("/")
-    try:
-        with fs.open(f"{root}/manifest.json", "rb") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError:
-        raise OistreamError(f"no manifest.json in {source}: not a shard folder") from None
-    except (ValueError, RecursionError) as error:
-        raise OistreamError(f"{source}/manifest.json is not valid JSON: {error}") from None
     classes = manifest_classes(manifest, source)
     hierarchy = Hierarchy(manifest.get("hierarchy"))
     images: list[GroundTruthImage] = []
@@ -862,7 +866,7 @@ def load_ground_truth(source: str, options: dict[str, Any] | None = None) -> Sha
         raise OistreamError(f"{source}/manifest.json lists no shards")
     for shard in shards:
         name = shard.get("name") if isinstance(shard, dict) else None
-        if not isinstance(name, str) or "/" in name or not name.endswith(".tar"):
+        if not isinstance(name, str) or not shard_format.is_safe_member_name(name):
             raise OistreamError(f"{source}/manifest.json names a shard {str(name)[:40]!r}")
         try:
             with fs.open(f"{root}/{name}", "rb") as f:

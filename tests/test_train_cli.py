@@ -16,6 +16,7 @@ import pytest
 import torch
 from shardfactory import classes_table, random_samples, write_shards
 
+from oistream.cli import main as oistream_main
 from train import checkpoint as ckpt
 from train.cli import main
 from train.config import DEMO_DEFAULTS, parse_args
@@ -84,9 +85,20 @@ def test_a_run_trains_evaluates_draws_and_checkpoints(shards: dict, tmp_path: Pa
 
     result = json.loads((out / "eval.json").read_text())
     assert result["step"] == 4 and result["images"] == 3
-    assert set(result["coco"]) == {"bbox", "segm"}
-    assert 0.0 <= result["coco"]["segm"]["AP"] <= 1.0
-    assert "mAP@0.5" in result["open_images"]
+    assert set(result["coco"]) == {"mask", "box"}
+    assert 0.0 <= result["coco"]["mask"]["AP"] <= 1.0
+    assert "map" in result["open_images"]
+    # The trainer's scores are `oistream evaluate`'s on the predictions file it wrote.
+    rescored = out / "rescored.json"
+    assert (
+        oistream_main(
+            ["evaluate", str(shards["val"]), str(out / "predictions.csv"), "--out", str(rescored)]
+        )
+        == 0
+    )
+    again = json.loads(rescored.read_text())
+    assert again["open_images"] == result["open_images"] and again["coco"] == result["coco"]
+    assert again["open_images"]["num_images"] == 3
     assert len(result["history"]) == 2
     pictures = sorted((out / "predictions").glob("*.png"))
     assert len(pictures) == 3 and all(p.stat().st_size > 0 for p in pictures)

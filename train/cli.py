@@ -45,7 +45,7 @@ from .engine import (
     seed_everything,
 )
 from .errors import TrainError, one_line
-from .evaluate import evaluate
+from .evaluate import PREDICTIONS_CSV, evaluate
 from .model import Layout, build_model, layout_for, load_model_state
 from .precision import choose_precision
 from .predictions import PredictionPictures
@@ -283,7 +283,7 @@ def _run(
 def _reached(result: dict[str, Any] | None, target: float | None) -> bool:
     if result is None or target is None:
         return False
-    value = result["open_images"]["mAP@0.5"]
+    value = result["open_images"]["map"]
     return value == value and value >= target  # NaN (no ground truth) never reaches it
 
 
@@ -416,6 +416,8 @@ def _evaluate(
         classes=classes,
         ranks=ranks,
         precision=precision,
+        ground_truth_source=args.val,
+        predictions_path=out / PREDICTIONS_CSV,
         max_images=args.max_val_images,
         on_prediction=pictures,
     )
@@ -426,9 +428,9 @@ def _evaluate(
         "step": trainer.step,
         "epoch": epoch,
         "minutes": round(minutes, 3),  # from the process start to this evaluation
-        "mask_mAP@0.5": result["open_images"]["mAP@0.5"],
-        "coco_mask_AP": result["coco"]["segm"]["AP"],
-        "coco_box_AP": result["coco"]["bbox"]["AP"],
+        "mask_mAP@0.5": result["open_images"]["map"],
+        "coco_mask_AP": result["coco"]["mask"]["AP"],
+        "coco_box_AP": result["coco"]["box"]["AP"],
     }
     history.append(headline)
     result["history"] = history
