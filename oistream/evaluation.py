@@ -484,8 +484,9 @@ def coco_metrics(
     ground_truth: Sequence[GroundTruthImage],
     predictions: Iterable[Prediction],
     classes: Sequence[tuple[str, str]],
+    kinds: Sequence[str] = ("mask", "box"),
 ) -> dict[str, dict[str, float]]:
-    """COCO AP/AR of masks (``mask``) and of their tight boxes (``box``).
+    """COCO AP/AR of masks (``mask``) and of their tight boxes (``box``), those in ``kinds``.
 
     Ground truth: the objects with masks of the evaluated classes (group-of as crowd), no
     hierarchy expansion; detections: every prediction of those classes on those images.
@@ -535,7 +536,8 @@ def coco_metrics(
         )
     results = {}
     for name, iou_type in (("mask", "segm"), ("box", "bbox")):
-        results[name] = _coco_eval(dataset, detections, iou_type)
+        if name in kinds:
+            results[name] = _coco_eval(dataset, detections, iou_type)
     return results
 
 
@@ -623,8 +625,9 @@ def encode_masks(binary: np.ndarray) -> list[dict[str, Any]]:
 
 
 def checked_rle(counts: bytes, height: int, width: int, where: str) -> dict[str, Any] | None:
-    """A COCO RLE from hostile ``counts``: characters, run lengths and the pixel total checked
-    before the C library sees them (it trusts them). Empty counts -> None (an empty mask)."""
+    """A COCO RLE from hostile ``counts``: characters and run lengths checked here, the pixel
+    total by :func:`check_rle_totals` (in one vectorised pass over many). The C library trusts
+    all three. Empty counts -> None (an empty mask)."""
     if not counts:
         return None
     if _RLE_COUNTS.fullmatch(counts) is None:
@@ -633,36 +636,64 @@ def checked_rle(counts: bytes, height: int, width: int, where: str) -> dict[str,
         raise OistreamError(f"{where}: the mask's RLE counts end inside a run")
     if _RUN_TOO_LONG.search(counts):
         raise OistreamError(f"{where}: the mask's RLE counts hold a run longer than 30 bits")
-    runs = _decode_counts(counts)
-    if runs is None or sum(runs) != height * width:
-        raise OistreamError(
-            f"{where}: the mask's RLE runs do not add up to {height}x{width} pixels"
-        )
     return {"size": [height, width], "counts": counts}
 
 
-def _decode_counts(counts: bytes) -> list[int] | None:
-    # pycocotools' rleFrString, in Python: 5 bits per character, 0x20 continues the run, 0x10 in
-    # the last character is the sign, runs after the second are deltas from the one two back.
-    runs: list[int] = []
-    p, n = 0, len(counts)
-    while p < n:
-        x = k = 0
-        more = True
-        while more:
-            c = counts[p] - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        if x < 0:
-            return None
-        runs.append(x)
-    return runs
+def check_rle_totals(rles: Sequence[dict[str, Any] | None], wheres: Sequence[str]) -> None:
+    """Every run non-negative and the runs adding up to H*W, or one line naming the first bad
+    mask. ``rles`` passed :func:`checked_rle` (so every string ends a run)."""
+    present = [i for i, r in enumerate(rles) if r is not None]
+    if not present:
+        return
+    totals, negative = rle_run_totals([rles[i]["counts"] for i in present])
+    for n, i in enumerate(present):
+        height, width = rles[i]["size"]
+        if negative[n] or totals[n] != height * width:
+            raise OistreamError(
+                f"{wheres[i]}: the mask's RLE runs do not add up to {height}x{width} pixels"
+            )
+
+
+def rle_run_totals(strings: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Per COCO RLE string, the sum of its runs and whether a run is negative, decoded as
+    pycocotools' ``rleFrString`` does (5 bits a character, 0x20 continues a run, 0x10 in a run's
+    last character is its sign, runs after the second are deltas from the one two back), for all
+    strings at once in numpy."""
+    lengths = np.fromiter((len(x) for x in strings), dtype=np.int64, count=len(strings))
+    c = np.frombuffer(b"".join(strings), dtype=np.uint8).astype(np.int64) - 48
+    ends = (c & 0x20) == 0
+    run_of_byte = np.cumsum(ends) - ends  # global run index of each character
+    end_at = np.flatnonzero(ends)
+    run_start = np.concatenate(([0], end_at[:-1] + 1))
+    k = np.arange(len(c)) - run_start[run_of_byte]
+    value = np.bincount(run_of_byte, weights=((c & 0x1F) << (5 * k)).astype(np.float64))
+    value = value.astype(np.int64)
+    last = c[end_at]
+    value -= np.where(last & 0x10, np.int64(1) << (5 * (k[end_at] + 1)), 0)
+    # Which string each run belongs to, and its index j within that string.
+    runs_per_string = np.bincount(
+        np.repeat(np.arange(len(strings)), lengths)[end_at], minlength=len(strings)
+    )
+    string_of_run = np.repeat(np.arange(len(strings)), runs_per_string)
+    first_run = np.concatenate(([0], np.cumsum(runs_per_string)[:-1]))
+    j = np.arange(len(value)) - first_run[string_of_run]
+    # cnts[j] = value[j] + cnts[j - 2] for j > 2: a cumulative sum along each string's even
+    # runs from j = 2 and along its odd runs; run 0 stands alone.
+    chain = np.where(j == 0, 0, np.where(j % 2 == 1, 1, 2))
+    group = string_of_run * 3 + chain
+    order = np.argsort(group, kind="stable")
+    sorted_values = value[order]
+    cumulative = np.cumsum(sorted_values)
+    group_sorted = group[order]
+    starts = np.flatnonzero(np.concatenate(([True], group_sorted[1:] != group_sorted[:-1])))
+    offsets = np.repeat(
+        cumulative[starts] - sorted_values[starts], np.diff(np.append(starts, len(order)))
+    )
+    counts = np.empty_like(value)
+    counts[order] = cumulative - offsets
+    totals = np.bincount(string_of_run, weights=counts.astype(np.float64), minlength=len(strings))
+    negative = np.bincount(string_of_run, weights=(counts < 0), minlength=len(strings)) > 0
+    return totals.astype(np.int64), negative
 
 
 def read_predictions(source: str, options: dict[str, Any] | None = None) -> list[Prediction]:
@@ -706,11 +737,13 @@ def parse_predictions_csv(data: bytes, source: str = "predictions") -> list[Pred
         )
     at = {c: header.index(c) for c in PREDICTION_COLUMNS}
     out: list[Prediction] = []
+    wheres: list[str] = []
     try:
         for row in reader:
             where = f"{source}: line {reader.line_num}"
             if not row:
                 continue
+            wheres.append(where)
             if len(row) != len(header):
                 raise OistreamError(f"{where}: {len(row)} fields, the header has {len(header)}")
             width = _side(row[at["ImageWidth"]], "ImageWidth", where)
@@ -741,6 +774,7 @@ def parse_predictions_csv(data: bytes, source: str = "predictions") -> list[Pred
             )
     except csv.Error as error:
         raise OistreamError(f"{source}: line {reader.line_num}: {error}") from None
+    check_rle_totals([p.rle for p in out], wheres)
     return out
 
 
@@ -785,6 +819,7 @@ def parse_predictions_json(data: bytes, source: str = "predictions") -> list[Pre
                 width=width,
             )
         )
+    check_rle_totals([p.rle for p in out], [f"{source}: prediction {i}" for i in range(len(out))])
     return out
 
 

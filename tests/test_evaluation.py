@@ -302,6 +302,50 @@ def test_predictions_at_another_size_than_the_image_are_refused() -> None:
         ev.evaluate(gts, [wrong], CLASSES)
 
 
+# -- RLE strings -------------------------------------------------------------------------------
+
+
+def reference_decode_counts(counts: bytes) -> list[int] | None:
+    # pycocotools' rleFrString, in Python: 5 bits per character, 0x20 continues the run, 0x10 in
+    # the last character is the sign, runs after the second are deltas from the one two back.
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            c = counts[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return runs
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    masks=st.lists(st.lists(st.booleans(), min_size=H * W, max_size=H * W), min_size=1, max_size=6),
+    junk=st.lists(st.text(alphabet="0123456789:;<=>?@ABCDEFGHIJKLMNO", min_size=1, max_size=6)),
+)
+def test_vectorised_run_totals_match_the_c_librarys_decoding(masks, junk) -> None:
+    strings = [ev.encode_mask(np.array(m, np.uint8).reshape(H, W))["counts"] for m in masks]
+    strings += [j.encode() for j in junk]  # end characters only: every one a (maybe odd) run
+    totals, negative = ev.rle_run_totals(strings)
+    for s, total, neg in zip(strings, totals, negative, strict=True):
+        runs = reference_decode_counts(s)
+        assert neg == (runs is None)
+        if runs is not None:
+            assert total == sum(runs)
+    assert list(totals[: len(masks)]) == [H * W] * len(masks)
+
+
 # -- a reference-style computation, transcribed from the challenge's code ----------------------
 
 
