@@ -84,6 +84,7 @@ _MAX_FIELD = 1 << 24  # the longest prediction field read (a mask's base64 text)
 _RLE_COUNTS = re.compile(rb"[0-o]*")  # COCO RLE strings use characters 48..111
 _RUN_TOO_LONG = re.compile(rb"[P-o]{6}")  # >6 characters in one run: over 30 bits
 _HIERARCHY_DEPTH = 64
+_MAX_MASK_PIXELS = 1 << 26  # real masks are about 1600x1200; a larger PNG is a bomb
 
 
 def _mask_api():
@@ -523,15 +524,19 @@ def coco_metrics(
     }
     detections = []
     for p in predictions:
-        if p.image_id not in image_ids or p.label not in category or p.rle is None:
+        if p.image_id not in image_ids or p.label not in category:
             continue
+        # COCO has no rule for empty masks: one is a detection overlapping nothing.
+        rle = p.rle or mask.frPyObjects(
+            {"size": [p.height, p.width], "counts": [p.height * p.width]}, p.height, p.width
+        )
         detections.append(
             {
                 "image_id": image_ids[p.image_id],
                 "category_id": category[p.label],
                 "score": float(p.score),
-                "segmentation": _json_rle(p.rle),
-                "bbox": [float(v) for v in mask.toBbox([p.rle])[0]],
+                "segmentation": _json_rle(rle),
+                "bbox": [float(v) for v in mask.toBbox([rle])[0]],
             }
         )
     results = {}
@@ -977,7 +982,7 @@ def sample_ground_truth(sample: dict[str, bytes], where: str) -> tuple[GroundTru
             raise OistreamError(f"{where}: sample {key}: an instance without mask or box") from None
         try:
             with Image.open(io.BytesIO(png)) as im:
-                if im.width * im.height > 4 * MAX_SIDE * MAX_SIDE // 16:
+                if im.width * im.height > _MAX_MASK_PIXELS:  # checked before decoding
                     raise OistreamError(f"{where}: sample {key}: mask {im.size} is too large")
                 pixels = np.asarray(im.convert("L")) != 0
         except OistreamError:

@@ -179,3 +179,38 @@ def test_a_shifted_prediction_scores_below_perfect(val_shards: Path) -> None:
     )
     result = ev.evaluate(truth.images, preds, truth.classes, truth.hierarchy)
     assert result["open_images"]["map"] < 1.0
+
+
+def test_malformed_annotation_rows_are_skipped_and_counted(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from oistream.sharding.annotations import read_annotations
+
+    v5 = tmp_path / "v5"
+    v5.mkdir()
+    image = "0123456789abcdef"
+    (v5 / "validation-annotations-bbox.csv").write_bytes(
+        (
+            BOX_HEADER + "\n"
+            f"{image},xclick,{CAR},1,0.1,0.5,0.2,0.6,0,0,1,0,0\n"
+            f"{image},xclick,{CAR},1,0.9,0.5,0.2,0.6,0,0,0,0,0\n"  # xmin > xmax
+            f"{image},xclick,{CAR},1,zero,0.5,0.2,0.6,0,0,0,0,0\n"
+            f"{image},xclick,{CAR},1,0.1,0.5\n"  # too few fields
+            f"{image},xclick,{CAR},1,0.1,\xff\xfe,0.2,0.6,0,0,0,0,0\n"
+            f"ffffffffffffffff,xclick,{CAR},1,0.1,0.5,0.2,0.6,0,0,0,0,0\n"
+        ).encode("latin-1")
+    )
+    (v5 / "validation-annotations-human-imagelabels-boxable.csv").write_text(
+        LABEL_HEADER + f"\n{image},verification,{CAR},1\n{image},verification,{PERSON},0\n"
+        f"{image},verification,{PERSON},maybe\n"
+    )
+    empty = pd.DataFrame(
+        columns=["ImageID", "LabelName", "BoxXMin", "BoxYMin", "BoxXMax", "BoxYMax"]
+    )
+    found = read_annotations(str(tmp_path), "validation", [image], {CAR, PERSON}, empty)
+    fields = found.per_image[image]
+    assert fields["boxes"] == [
+        {"label": CAR, "box": [0.1, 0.2, 0.5, 0.6], "is_group_of": True, "has_mask": False}
+    ]
+    assert fields["image_labels"] == {"positive": [CAR], "negative": [PERSON]}
+    assert found.malformed_rows == 5

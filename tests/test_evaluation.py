@@ -104,6 +104,9 @@ def test_empty_predicted_masks_are_dropped() -> None:
     # Without the rule the empty mask (top score) would be a false positive: AP 0.5.
     preds = [pred(A, empty, 0.9), pred(A, rect(0, 0, 4, 4), 0.5)]
     assert oi(gts, preds)["map"] == 1.0
+    # COCO has no such rule: there the empty mask is a false positive ranked first.
+    coco = ev.coco_metrics(gts, preds, CLASSES[:1], kinds=("mask",))["mask"]
+    assert coco["AP50"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_group_of_objects_weigh_nothing_and_detections_inside_are_ignored() -> None:

@@ -218,6 +218,7 @@ def _stream_rows(url: str, header: str, image_ids: set[str], mids: set[str], opt
                     dtype=str,
                     keep_default_na=False,
                     on_bad_lines="skip",
+                    encoding_errors="replace",
                     engine="c",
                 )
             except (pd.errors.ParserError, ValueError) as error:
