@@ -683,19 +683,17 @@ def rle_run_totals(strings: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     first_run = np.concatenate(([0], np.cumsum(runs_per_string)[:-1]))
     j = np.arange(len(value)) - first_run[string_of_run]
     # cnts[j] = value[j] + cnts[j - 2] for j > 2: a cumulative sum along each string's even
-    # runs from j = 2 and along its odd runs; run 0 stands alone.
-    chain = np.where(j == 0, 0, np.where(j % 2 == 1, 1, 2))
-    group = string_of_run * 3 + chain
-    order = np.argsort(group, kind="stable")
-    sorted_values = value[order]
-    cumulative = np.cumsum(sorted_values)
-    group_sorted = group[order]
-    starts = np.flatnonzero(np.concatenate(([True], group_sorted[1:] != group_sorted[:-1])))
-    offsets = np.repeat(
-        cumulative[starts] - sorted_values[starts], np.diff(np.append(starts, len(order)))
-    )
-    counts = np.empty_like(value)
-    counts[order] = cumulative - offsets
+    # runs from j = 2 and along its odd runs (each already in string order); run 0 stands alone.
+    counts = value.copy()
+    for chain in ((j % 2 == 1), (j >= 2) & (j % 2 == 0)):
+        picked = np.flatnonzero(chain)
+        if not len(picked):
+            continue
+        cumulative = np.cumsum(value[picked])
+        owner = string_of_run[picked]
+        first = np.concatenate(([True], owner[1:] != owner[:-1]))
+        start = np.maximum.accumulate(np.where(first, np.arange(len(picked)), 0))
+        counts[picked] = cumulative - (cumulative - value[picked])[start]
     totals = np.bincount(string_of_run, weights=counts.astype(np.float64), minlength=len(strings))
     negative = np.bincount(string_of_run, weights=(counts < 0), minlength=len(strings)) > 0
     return totals.astype(np.int64), negative
