@@ -621,3 +621,11 @@ def test_random_predictions_score_as_the_reference_computation(scene_set, weight
     assert ours["per_class"] == expected  # exactly, not approximately
     if expected:
         assert ours["map"] == float(np.nanmean(ref))
+
+
+def test_the_module_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, oistream.evaluation; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
