@@ -203,12 +203,13 @@ def _stream_rows(url: str, header: str, image_ids: set[str], mids: set[str], opt
     columns = header.split(",")
     blocks = _read_line_blocks(url, options, _BLOCK_BYTES)
     with contextlib.closing(blocks):
-        first = bytes(next(blocks)).decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+        _, header_line = next(blocks)  # (offset in the file, bytes)
+        first = bytes(header_line).decode("utf-8", errors="replace").lstrip("\ufeff").strip()
         # V6+ train appends XClick columns: the first 13 must be the documented ones.
         if first.split(",")[: len(columns)] != columns:
             raise OistreamError(f"{url}: unexpected header {first[:200]!r}; expected {header!r}")
         width = len(first.split(","))
-        for block in blocks:
+        for _, block in blocks:
             try:
                 frame = pd.read_csv(
                     io.BytesIO(block),
