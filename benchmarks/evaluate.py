@@ -12,7 +12,8 @@ Timed, each once per round, alternating which goes first: (a) ``open_images_metr
 challenge metric from in-memory predictions), (c) COCO mask AP, as ``oistream evaluate`` runs it
 (faster-coco-eval: dataset, loadRes, evaluate, accumulate, summarize). Printed: each median, the
 ratio a/c and the load average; mark (issue 13): a/c <= 1. ``--scale`` scales the image count
-(default 0.1: a few minutes on a shared 2-core machine; 1.0 is the full validation size, 10.6 GB peak RSS).
+(default 0.1: a few minutes on a shared 2-core machine; 1.0 is the full validation size,
+10.6 GB peak RSS).
 
 Run: ``.venv/bin/python benchmarks/evaluate.py [--scale 1.0] [--rounds N] [--seed S]``
 """

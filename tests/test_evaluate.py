@@ -52,7 +52,7 @@ def test_scores_count_only_the_images_evaluated(tmp_path) -> None:
         "scores": torch.tensor([0.6]),
     }
     records.add("a", prediction, MIDS)  # image "b" was not evaluated (e.g. --max-val-images)
-    path = tmp_path / "predictions.csv"
-    result = score_records(records, truth, path)
+    published: list[bytes] = []
+    result = score_records(records, truth, published.append)
     assert result["images"] == 1 and result["open_images"]["map"] == 1.0
-    assert ev.parse_predictions_csv(path.read_bytes()) == records.predictions
+    assert ev.parse_predictions_csv(published[0]) == records.predictions

@@ -417,7 +417,7 @@ def _evaluate(
         ranks=ranks,
         precision=precision,
         ground_truth_source=args.val,
-        predictions_path=out / PREDICTIONS_CSV,
+        publish_predictions=lambda data: out.publish_bytes(PREDICTIONS_CSV, data),
         max_images=args.max_val_images,
         on_prediction=pictures,
     )

@@ -11,10 +11,9 @@ challenge's CSV (``predictions.csv``) so that anyone can re-score them.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,17 +82,18 @@ def ground_truth(source: str) -> evaluation.ShardGroundTruth:
 
 
 def score_records(
-    records: EvalRecords, truth: evaluation.ShardGroundTruth, predictions_path: Path | None
+    records: EvalRecords,
+    truth: evaluation.ShardGroundTruth,
+    publish_predictions: Callable[[bytes], None] | None = None,
 ) -> dict[str, Any]:
-    """Score the evaluated images (``records.keys``) against ``truth``; write the CSV."""
+    """Score the evaluated images (``records.keys``) against ``truth``; hand the predictions,
+    as the challenge CSV, to ``publish_predictions`` (the run folder publishes them whole)."""
     seen = set(records.keys)
     images = [image for image in truth.images if image.image_id in seen]
-    if predictions_path is not None:
-        predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = predictions_path.with_name(predictions_path.name + ".partial")
-        with partial.open("w", encoding="utf-8", newline="") as stream:
-            evaluation.write_predictions_csv(records.predictions, stream)
-        os.replace(partial, predictions_path)  # published whole, never half-written
+    if publish_predictions is not None:
+        stream = io.StringIO(newline="")
+        evaluation.write_predictions_csv(records.predictions, stream)
+        publish_predictions(stream.getvalue().encode("utf-8"))
     result = evaluation.evaluate(images, records.predictions, truth.classes, truth.hierarchy)
     return {
         "images": len(images),
@@ -112,7 +112,7 @@ def evaluate(
     ranks: Ranks,
     precision: Precision,
     ground_truth_source: str,
-    predictions_path: Path | None = None,
+    publish_predictions: Callable[[bytes], None] | None = None,
     max_images: int | None = None,
     on_prediction: Callable[[torch.Tensor, dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> dict[str, Any] | None:
@@ -120,8 +120,9 @@ def evaluate(
 
     ``batches`` yield float images on the model's device and targets (with ``image_key``);
     ``max_images`` counts over all ranks; ``ground_truth_source`` is the validation shard
-    folder. Returns the scores on rank 0, ``None`` elsewhere. ``on_prediction(image, target,
-    prediction)`` sees every image this rank evaluates.
+    folder; ``publish_predictions(csv_bytes)`` stores the predictions file. Returns the scores
+    on rank 0, ``None`` elsewhere. ``on_prediction(image, target, prediction)`` sees every
+    image this rank evaluates.
     """
     mids = [c.get("mid") for c in sorted(classes, key=lambda c: int(c["index"]))]
     was_training = model.training
@@ -155,4 +156,4 @@ def evaluate(
     merged = EvalRecords()
     for part in parts:
         merged.merge(part)
-    return score_records(merged, ground_truth(ground_truth_source), predictions_path)
+    return score_records(merged, ground_truth(ground_truth_source), publish_predictions)
