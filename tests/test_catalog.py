@@ -394,7 +394,8 @@ def reference_filter(text: str, mids: set[str]) -> tuple[list[str], int]:
                 kept.append(mask_path)
         else:
             malformed += 1
-    return kept, malformed
+    # A repeated MaskPath is the same instance again: the first valid row wins.
+    return list(dict.fromkeys(kept)), malformed
 
 
 def damaged(row: str, how: int) -> str:
