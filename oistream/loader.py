@@ -377,13 +377,14 @@ def _read_members(
             with opener.open(url) as stream:
                 # webdataset opens tars with mode "r|*", which would inflate a compressed one
                 # whole-heartedly (a gzip bomb): format v1 is uncompressed, so refuse it.
+                # The stream may not seek (a remote or cached stream): the head is handed back
+                # in front of the rest instead.
                 head = stream.read(6)
-                stream.seek(0)
                 for magic, kind in _COMPRESSED_MAGIC.items():
                     if head.startswith(magic):
                         raise _BadSample(f"it is {kind}-compressed, not a format v1 (plain) tar")
                 members = wds.tariterators.tar_file_iterator(
-                    stream,
+                    _Prefixed(head, stream),
                     handler=_warn_and_continue,
                     select_files=functools.partial(_wanted_member, url=url),
                 )
@@ -400,6 +401,24 @@ def _read_members(
         barren = 0 if produced else barren + 1
         if barren >= give_up_after:
             raise OistreamError(f"{barren} shards in a row had no readable sample (last: {url})")
+
+
+class _Prefixed:
+    """A read-only stream: ``head`` (bytes already read from ``stream``), then the rest."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        if len(data) < size:
+            data += self.stream.read(size - len(data))
+        return data
 
 
 def _split_by_rank(shards: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
