@@ -18,8 +18,13 @@ of ``--rounds`` interleaved rounds:
   (H, W, N) array, boxes from masks; the same torchvision targets. Timed on ``--subset``
   random indices: its per-sample cost depends on the folder's size, not on how many are read;
 * (ii) the decode limit: only the JPEG and PNG decodes of the same bytes, held in memory, with
-  the decoders the loader uses (torchvision's JPEG decoder, Pillow for the masks), on the same
-  ``--subset`` samples.
+  the decoders the loader uses (torchvision's JPEG decoder; for masks Pillow on 1-bit PNGs,
+  torchvision on 8-bit ones), on the same ``--subset`` samples.
+
+Before that, the decoders side by side per kind of member (JPEG; 1-bit and 8-bit mask PNGs):
+Pillow, torchvision, and OpenCV and pyspng when they are installed (they are not dependencies),
+ms of CPU per member on up to ``--decoder-sample`` members of each kind; the fastest per kind is
+marked, and the decode limit with the fastest of each is printed beside (ii).
 
 Printed: ms of CPU per sample and samples/s of each, ours/(ii) as a throughput ratio (mark
 >= 0.8), ours/(i) at 1k and 10k, and the per-sample cost at 10k over that at 1k for ours and (i).
@@ -31,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -204,6 +211,95 @@ def decode_only(samples: list[tuple[bytes, list[bytes]]]) -> Iterator[int]:
         yield 1
 
 
+def _bit_depth(png: bytes) -> int:
+    return png[24] if len(png) > 25 and png[12:16] == b"IHDR" else 0
+
+
+def _decoders() -> dict[str, dict[str, object]]:
+    """Per kind of member, name -> decode(bytes); optional libraries only when importable."""
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+    from oistream.masks import TORCHVISION_DEPRECATION
+
+    def tensor(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    def pillow(mode: str | None):
+        def decode(data: bytes) -> np.ndarray:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                return np.asarray(image if mode is None else image.convert(mode))
+
+        return decode
+
+    def quiet(function):
+        def decode(data: bytes):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", TORCHVISION_DEPRECATION, DeprecationWarning)
+                return function(data)
+
+        return decode
+
+    jpeg = {
+        "Pillow": pillow("RGB"),
+        "torchvision": quiet(lambda d: decode_jpeg(tensor(d), mode=ImageReadMode.RGB)),
+    }
+    png = {
+        "Pillow": pillow(None),
+        "torchvision": quiet(lambda d: decode_png(tensor(d), ImageReadMode.GRAY)),
+    }
+    try:
+        import cv2
+
+        jpeg["OpenCV"] = lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR)
+        png["OpenCV"] = lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED)
+    except ImportError:
+        pass
+    try:
+        import pyspng
+
+        png["pyspng"] = pyspng.load
+    except ImportError:
+        pass
+    return {"JPEG": jpeg, "1-bit PNG": dict(png), "8-bit PNG": dict(png)}
+
+
+def decoders_side_by_side(
+    samples: list[tuple[bytes, list[bytes]]], limit: int
+) -> dict[str, dict[str, float]]:
+    """ms of CPU per member for each decoder of each kind, on up to ``limit`` members a kind."""
+    members = {
+        "JPEG": [jpeg for jpeg, _ in samples][:limit],
+        "1-bit PNG": [p for _, pngs in samples for p in pngs if _bit_depth(p) == 1][:limit],
+        "8-bit PNG": [p for _, pngs in samples for p in pngs if _bit_depth(p) == 8][:limit],
+    }
+    table: dict[str, dict[str, float]] = {}
+    for kind, decoders in _decoders().items():
+        if not members[kind]:
+            continue
+        table[kind] = {}
+        for name, decode in decoders.items():
+            decode(members[kind][0])  # first call: library set-up, not decoding
+            started = time.process_time()
+            for data in members[kind]:
+                decode(data)
+            table[kind][name] = (time.process_time() - started) / len(members[kind]) * 1000
+    return table
+
+
+def fastest_decode_ms(
+    samples: list[tuple[bytes, list[bytes]]], table: dict[str, dict[str, float]]
+) -> float:
+    """ms per sample if every member were decoded by the fastest decoder of its kind."""
+    best = {kind: min(times.values()) for kind, times in table.items()}
+    total = 0.0
+    for _, pngs in samples:
+        total += best.get("JPEG", 0.0)
+        for png in pngs:
+            total += best.get(f"{_bit_depth(png)}-bit PNG", 0.0)
+    return total / len(samples)
+
+
 # --- Timing -------------------------------------------------------------------------------------
 
 
@@ -236,7 +332,9 @@ def prepare(size: int, image_size: int, scenes: int, work: Path) -> Path:
     return root
 
 
-def measure(root: Path, rounds: int, subset: int, seed: int) -> dict[str, float]:
+def measure(
+    root: Path, rounds: int, subset: int, seed: int, decoder_sample: int
+) -> dict[str, float]:
     """Best (lowest) ms/sample over ``rounds`` interleaved rounds of the three contenders.
 
     ours reads every sample; (i) and (ii) read ``subset`` samples picked at random (their
@@ -248,13 +346,21 @@ def measure(root: Path, rounds: int, subset: int, seed: int) -> dict[str, float]
     picked = np.random.default_rng(seed).permutation(total)[: min(subset, total)]
     encoded = encoded_samples(root / "shards")
     encoded = [encoded[i] for i in picked]
+    table = decoders_side_by_side(encoded, decoder_sample)
+    for kind, times in table.items():
+        fastest = min(times, key=times.get)
+        row = ", ".join(
+            f"{name} {ms:.2f}" + (" (fastest)" if name == fastest else "")
+            for name, ms in times.items()
+        )
+        print(f"  decoders, ms of CPU per {kind}: {row}  (load {os.getloadavg()[0]:.1f})")
     best = {"ours": math.inf, "folder": math.inf, "decode": math.inf}
     for _ in range(rounds):
         best["ours"] = min(best["ours"], cpu_ms_per_sample(dataset, total))
         folder_items = (folder[int(i)] for i in picked)
         best["folder"] = min(best["folder"], cpu_ms_per_sample(folder_items, len(picked)))
         best["decode"] = min(best["decode"], cpu_ms_per_sample(decode_only(encoded), len(picked)))
-    return {"images": total, **best}
+    return {"images": total, **best, "fastest": fastest_decode_ms(encoded, table)}
 
 
 def main() -> None:
@@ -264,6 +370,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200, help="distinct scenes rendered")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best is kept")
     parser.add_argument("--subset", type=int, default=1000, help="samples timed for (i), (ii)")
+    parser.add_argument("--decoder-sample", type=int, default=300, help="members per kind")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one process, one core: what a DataLoader worker gets
@@ -273,7 +380,9 @@ def main() -> None:
     try:
         for size in args.sizes:
             root = prepare(size, args.image_size, args.scenes, work)
-            f = results[size] = measure(root, args.rounds, args.subset, seed=size)
+            f = results[size] = measure(
+                root, args.rounds, args.subset, seed=size, decoder_sample=args.decoder_sample
+            )
             shutil.rmtree(root, ignore_errors=True)
             print(
                 f"{f['images']:>6} images, long side {args.image_size}px, ms of CPU per sample "
@@ -290,7 +399,9 @@ def main() -> None:
         mark = "meets >= 0.8" if ratio >= 0.8 else "BELOW 0.8"
         print(
             f"{size:>6}: ours/(ii) decode limit = {ratio:.2f} ({mark}); "
-            f"ours/(i) folder Dataset = {f['folder'] / f['ours']:.2f}x"
+            f"ours/(i) folder Dataset = {f['folder'] / f['ours']:.2f}x; against the fastest "
+            f"decoder of each kind ({f['fastest']:.2f} ms/sample): {f['fastest'] / f['ours']:.2f} "
+            f"(load {os.getloadavg()[0]:.1f})"
         )
     if len(results) >= 2:
         small, large = min(results), max(results)
