@@ -37,7 +37,7 @@ from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.remotezip import coalesce
 from oistream.sharding.selection import read_image_ids
 from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask
-from oistream.sharding.writer import Lease, OutputLocation, claim_output
+from oistream.sharding.writer import Lease, OutputLocation, claim_output, refuse_foreign_files
 
 # A dry run estimates the images' bytes from this many HEADs (planned images, in hash order).
 IMAGES_SAMPLED = 8
@@ -467,15 +467,7 @@ def _previous_plan_differs(location: OutputLocation, plan: Plan, overwrite: bool
     a doomed run stops before it reads the directories; True when ``overwrite`` replaces
     another plan's shards (their progress records must then not be trusted)."""
     names = location.listing()
-    foreign = location.foreign_files(names)
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
-        raise OistreamError(
-            f"{location.url} holds files oistream did not write ({shown}); choose an empty "
-            "--out, or pass --overwrite to write there anyway"
-        )
+    refuse_foreign_files(location, names, overwrite)
     previous = location.read_json(PLAN_RECORD) if PLAN_RECORD in names else None
     differs = isinstance(previous, dict) and previous.get("plan_hash") != plan.plan_hash
     if differs and not overwrite:

@@ -298,15 +298,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrite: bool) -> Lease:
-    """Make ``location`` this run's, or refuse with one line having written and deleted nothing.
-
-    Refused: a folder holding files oistream did not write (unless ``overwrite``), a folder
-    holding another plan's shards (unless ``overwrite``, which then rebuilds every shard), and
-    a folder leased by a live run. A lease left by a dead process on this host is taken over.
-    Only once the lease is held are partial files removed and the plan recorded.
-    """
-    names = location.listing()
+def refuse_foreign_files(location: OutputLocation, names: list[str], overwrite: bool) -> None:
+    """One line, touching nothing, when ``names`` (the folder's listing) holds files oistream
+    did not write and ``overwrite`` does not allow writing among them."""
     foreign = location.foreign_files(names)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:3]) + (
@@ -316,6 +310,18 @@ def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrit
             f"{location.url} holds files oistream did not write ({shown}); choose an empty "
             "--out, or pass --overwrite to write there anyway"
         )
+
+
+def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrite: bool) -> Lease:
+    """Make ``location`` this run's, or refuse with one line having written and deleted nothing.
+
+    Refused: a folder holding files oistream did not write (unless ``overwrite``), a folder
+    holding another plan's shards (unless ``overwrite``, which then rebuilds every shard), and
+    a folder leased by a live run. A lease left by a dead process on this host is taken over.
+    Only once the lease is held are partial files removed and the plan recorded.
+    """
+    names = location.listing()
+    refuse_foreign_files(location, names, overwrite)
     previous = location.read_json(PLAN_RECORD) if PLAN_RECORD in names else None
     if previous is not None and not isinstance(previous, dict):
         raise OistreamError(f"{location.url}/{PLAN_RECORD} is not a plan record; delete it")
