@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from oistream.errors import OistreamError
+from oistream import OistreamError
+from oistream import one_line as _oistream_one_line
 
 
 class TrainError(Exception):
@@ -16,8 +17,8 @@ class TrainError(Exception):
 def one_line(error: BaseException) -> str:
     """A failure as one line: ours as they are, the libraries' with what the user can do."""
     if isinstance(error, TrainError | OistreamError):
-        return " ".join(str(error).split())
-    text = " ".join(str(error).split()) or type(error).__name__
+        return _oistream_one_line(error, with_type=False)
+    text = _oistream_one_line(error, with_type=False)
     name = type(error).__name__
     if "OutOfMemoryError" in name or "out of memory" in text.lower():
         return (

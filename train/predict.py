@@ -43,12 +43,12 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 import oistream
-from oistream import sources
-from oistream.errors import OistreamError
+from oistream import OistreamError, sources
+from oistream.evaluation import encode_masks
 
 from . import checkpoint as ckpt
 from .errors import TrainError
-from .evaluate import MASK_THRESHOLD, encode_masks
+from .evaluate import MASK_THRESHOLD
 from .model import model_from_checkpoint
 
 PROG = "oistream predict"
@@ -276,6 +276,11 @@ def predict(
 # -- outputs ----------------------------------------------------------------------------------
 
 
+def _text(counts: bytes | str) -> str:
+    """RLE counts for JSON: pycocotools' bytes are ASCII."""
+    return counts.decode("ascii") if isinstance(counts, bytes) else counts
+
+
 def csv_mask(rle: dict[str, Any]) -> str:
     """The challenge's Mask field: base64 of the zlib-compressed COCO RLE counts."""
     counts = rle["counts"]
@@ -346,7 +351,7 @@ class PredictionWriter:
                     "class_index": int(label),
                     "score": round(float(score), 6),
                     "box": [round(float(v), 2) for v in box],
-                    "mask": {"size": [height, width], "counts": rle["counts"]},
+                    "mask": {"size": [height, width], "counts": _text(rle["counts"])},
                 }
             )
             # An empty mask is written as an empty field; the challenge metric drops it.
@@ -360,7 +365,7 @@ class PredictionWriter:
         self.detections += len(detections)
 
     def _draw(self, name: str, item: Item, output: dict[str, torch.Tensor]) -> None:
-        from oistream.visualize import draw_instances
+        from oistream import draw_instances
 
         picture = draw_instances(
             item.image,
