@@ -47,10 +47,17 @@ def hierarchy_url(metadata_root: str) -> str:
     return sources.join(metadata_root, "2018_04", "bbox_labels_600_hierarchy.json")
 
 
-def load_hierarchy(metadata_root: str, options: dict | None = None) -> dict[str, Any]:
+def _cat(cache: Any, options: dict | None) -> Any:
+    """Whole-file reads through the metadata cache (``cache.MetadataCache``), when there is one."""
+    return None if cache is None else (lambda url: cache.cat(url, options))
+
+
+def load_hierarchy(
+    metadata_root: str, options: dict | None = None, cache: Any = None
+) -> dict[str, Any]:
     """The class hierarchy JSON, checked to be a tree of ``{"LabelName", "Subcategory"}``."""
     url = hierarchy_url(metadata_root)
-    text = _read_text(url, options)
+    text = _read_text(url, options, cat=_cat(cache, options))
     if len(text) > _MAX_HIERARCHY_BYTES:
         raise OistreamError(f"{url}: {len(text)} bytes is not a class hierarchy")
     try:
@@ -136,6 +143,7 @@ def read_annotations(
     mids: set[str],
     segmentation_rows: pd.DataFrame,
     options: dict | None = None,
+    cache: Any = None,
 ) -> Annotations:
     """Stream the split's box and image-level label CSVs, keeping rows of ``image_ids`` and
     ``mids``. ``has_mask`` says whether the segmentation CSV has a mask for that box (the same
@@ -151,7 +159,9 @@ def read_annotations(
         (r.ImageID, r.LabelName, r.BoxXMin, r.BoxYMin, r.BoxXMax, r.BoxYMax)
         for r in segmentation_rows.itertuples(index=False)
     }
-    boxes = _stream_rows(box_csv_url(metadata_root, split), BOX_HEADER, wanted, mids, options)
+    boxes = _stream_rows(
+        box_csv_url(metadata_root, split), BOX_HEADER, wanted, mids, options, cache
+    )
     for frame in boxes:
         for row in frame.itertuples(index=False):
             try:
@@ -180,7 +190,7 @@ def read_annotations(
                 }
             )
     labels = _stream_rows(
-        image_labels_csv_url(metadata_root, split), LABEL_HEADER, wanted, mids, options
+        image_labels_csv_url(metadata_root, split), LABEL_HEADER, wanted, mids, options, cache
     )
     for frame in labels:
         for row in frame.itertuples(index=False):
@@ -198,10 +208,19 @@ def read_annotations(
     return result
 
 
-def _stream_rows(url: str, header: str, image_ids: set[str], mids: set[str], options: dict | None):
-    """DataFrames (all columns str) of the rows whose ImageID and LabelName are wanted."""
+def _stream_rows(
+    url: str,
+    header: str,
+    image_ids: set[str],
+    mids: set[str],
+    options: dict | None,
+    cache: Any = None,
+):
+    """DataFrames (all columns str) of the rows whose ImageID and LabelName are wanted; read
+    through the metadata cache when there is one, so a rerun moves no body bytes."""
     columns = header.split(",")
-    blocks = _read_line_blocks(url, options, _BLOCK_BYTES)
+    opener = None if cache is None else (lambda: cache.open(url, options))
+    blocks = _read_line_blocks(url, options, _BLOCK_BYTES, opener)
     with contextlib.closing(blocks):
         _, header_line = next(blocks)  # (offset in the file, bytes)
         first = bytes(header_line).decode("utf-8", errors="replace").lstrip("\ufeff").strip()
@@ -231,13 +250,18 @@ def _stream_rows(url: str, header: str, image_ids: set[str], mids: set[str], opt
 
 
 def expanded_queries(
-    queries: Sequence[str], segmentable: list[OIClass], metadata_root: str, options: dict | None
+    queries: Sequence[str],
+    segmentable: list[OIClass],
+    metadata_root: str,
+    options: dict | None,
+    cache: Any = None,
 ) -> list[str]:
     """The class queries of ``--expand-hierarchy`` as segmentable MIDs."""
     from oistream.sharding.catalog import _parse_descriptions
 
-    tree = load_hierarchy(metadata_root, options)
-    names = _parse_descriptions(_read_text(sources.class_descriptions_url(metadata_root), options))
+    tree = load_hierarchy(metadata_root, options, cache)
+    url = sources.class_descriptions_url(metadata_root)
+    names = _parse_descriptions(_read_text(url, options, cat=_cat(cache, options)))
     return expand_to_segmentable(queries, tree, segmentable, names)
 
 
@@ -247,16 +271,17 @@ def annotate_plan(
     metadata_root: str,
     setting: bool | None,
     options: dict | None,
+    cache: Any = None,
 ) -> dict[str, Any] | None:
     """Attach the evaluation annotations to ``plan``; returns the manifest's record of them
     (``None`` when off). ``setting`` None: on for validation/test when the files exist."""
     if setting is False or (setting is None and plan.split == "train"):
         return None
     try:
-        tree = load_hierarchy(metadata_root, options)
+        tree = load_hierarchy(metadata_root, options, cache)
         mids = relatives(tree, [c.mid for c in plan.classes])
         found = read_annotations(
-            metadata_root, plan.split, plan.image_ids(), mids, table.rows, options
+            metadata_root, plan.split, plan.image_ids(), mids, table.rows, options, cache
         )
     except OistreamError as error:
         if setting is None and "not found" in str(error):

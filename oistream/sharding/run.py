@@ -140,7 +140,9 @@ def run_splits(options: ShardOptions) -> list[RunReport]:
     )
     queries = list(options.classes)
     if options.expand_hierarchy:
-        queries = annotations.expanded_queries(queries, known, options.metadata, metadata_options)
+        queries = annotations.expanded_queries(
+            queries, known, options.metadata, metadata_options, cache
+        )
     selected = catalog.resolve_classes(queries, known)
     class_stats = dataclasses.replace(cache.stats)
 
@@ -292,7 +294,9 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
     for oi_class, count in zip(selected, plan.images_per_class(set()).values(), strict=True):
         if count == 0:
             _warn(report, f"no {split} images carry {oi_class.name} ({oi_class.mid})")
-    annotations.annotate_plan(plan, table, o.metadata, o.evaluation_annotations, metadata_options)
+    annotations.annotate_plan(
+        plan, table, o.metadata, o.evaluation_annotations, metadata_options, cache
+    )
 
     location = OutputLocation(out, out_options)
     replacing = _previous_plan_differs(location, plan, o.overwrite)
