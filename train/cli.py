@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from oistream import sources
+
 from . import checkpoint as ckpt
 from .config import REFERENCE_BATCH, parse_args
 from .data import (
@@ -315,8 +317,6 @@ def _local_weights(location: str, endpoint_url: str | None) -> Path:
         return Path(location.removeprefix("file://"))
     import tempfile
 
-    from oistream import sources
-
     fs, path = sources.filesystem(location, sources.storage_options(location, endpoint_url))
     handle, local = tempfile.mkstemp(suffix=".pt", prefix="oistream-weights-")
     os.close(handle)
@@ -417,6 +417,7 @@ def _evaluate(
         ranks=ranks,
         precision=precision,
         ground_truth_source=args.val,
+        ground_truth_options=sources.storage_options(args.val, args.endpoint_url),
         publish_predictions=lambda data: out.publish_bytes(PREDICTIONS_CSV, data),
         max_images=args.max_val_images,
         on_prediction=pictures,

@@ -74,10 +74,11 @@ def _numpy(value: Any) -> np.ndarray:
 _GROUND_TRUTH: dict[str, evaluation.ShardGroundTruth] = {}
 
 
-def ground_truth(source: str) -> evaluation.ShardGroundTruth:
-    """The validation shards' ground truth, read once per process (each evaluation reuses it)."""
+def ground_truth(source: str, options: dict[str, Any] | None = None) -> evaluation.ShardGroundTruth:
+    """The validation shards' ground truth, read once per process (each evaluation reuses it);
+    ``options`` are the storage options of ``source`` (endpoint, credentials)."""
     if source not in _GROUND_TRUTH:
-        _GROUND_TRUTH[source] = evaluation.load_ground_truth(source)
+        _GROUND_TRUTH[source] = evaluation.load_ground_truth(source, options)
     return _GROUND_TRUTH[source]
 
 
@@ -112,6 +113,7 @@ def evaluate(
     ranks: Ranks,
     precision: Precision,
     ground_truth_source: str,
+    ground_truth_options: dict[str, Any] | None = None,
     publish_predictions: Callable[[bytes], None] | None = None,
     max_images: int | None = None,
     on_prediction: Callable[[torch.Tensor, dict[str, Any], dict[str, Any]], None] | None = None,
@@ -156,4 +158,5 @@ def evaluate(
     merged = EvalRecords()
     for part in parts:
         merged.merge(part)
-    return score_records(merged, ground_truth(ground_truth_source), publish_predictions)
+    truth = ground_truth(ground_truth_source, ground_truth_options)
+    return score_records(merged, truth, publish_predictions)
