@@ -103,11 +103,11 @@ def any_rank(flag: bool, ranks: Ranks) -> bool:
     return bool(value.item() > 0)
 
 
-def any_ranks(flags: list[bool], ranks: Ranks) -> list[bool]:
-    """Each flag True on every rank if it is True on any: one all-reduce for all of them."""
+def max_over_ranks(values: list[float], ranks: Ranks) -> list[float]:
+    """Each value's maximum over the ranks, on every rank: one all-reduce for all of them."""
     if not ranks.distributed:
-        return list(flags)
+        return list(values)
     device = ranks.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in values.tolist()]
+    packed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return packed.tolist()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .distributed import Ranks, any_ranks, average_scalars, gather_to_main
+from .distributed import Ranks, average_scalars, gather_to_main, max_over_ranks
 from .errors import TrainError
 from .metrics import LossWindow, all_finite
 from .model import load_model_state
@@ -70,6 +71,16 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal is not None
+
+    @property
+    def number(self) -> int:
+        """The signal's number, 0 when none arrived."""
+        return signal.Signals[self.signal].value if self.signal is not None else 0
+
+    def agree(self, number: int) -> None:
+        """Take the signal the ranks agreed on (another rank's, when this one saw none)."""
+        if self.signal is None:
+            self.signal = signal.Signals(number).name
 
 
 @dataclass
@@ -259,12 +270,19 @@ class Trainer:
                         # Ranks agree on stopping only where they meet: at logging steps.
                         time_up = False
                     # A signal or the checkpoint clock: one all-reduce so all ranks agree.
-                    signalled = options.stop is not None and options.stop.requested
+                    # The signal's number travels, so a rank the scheduler did not signal
+                    # stops at the same step and exits with the same code.
+                    signal_number = options.stop.number if options.stop is not None else 0
                     clock_due = (
                         options.checkpoint_every_s is not None
                         and time.monotonic() - saved_at >= options.checkpoint_every_s
                     )
-                    signalled, clock_due = any_ranks([signalled, clock_due], self.ranks)
+                    agreed_signal, agreed_clock = max_over_ranks(
+                        [float(signal_number), float(clock_due)], self.ranks
+                    )
+                    signalled, clock_due = agreed_signal > 0, agreed_clock > 0
+                    if signalled and options.stop is not None:
+                        options.stop.agree(int(agreed_signal))
                     step_due = bool(
                         options.checkpoint_every and self.step % options.checkpoint_every == 0
                     )
