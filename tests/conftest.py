@@ -115,3 +115,13 @@ def s3_env(s3: LocalS3, monkeypatch: pytest.MonkeyPatch) -> LocalS3:
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
     return s3
+
+
+@pytest.fixture
+def restore_determinism() -> Iterator[None]:
+    """``--deterministic`` switches torch globally; leave the process as the test found it."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)

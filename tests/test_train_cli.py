@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,9 @@ CHEAP = [
 ]  # fmt: skip
 
 
+pytestmark = pytest.mark.usefixtures("restore_determinism")
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train-shards")
@@ -39,14 +41,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_shards(root / "train", train, samples_per_shard=4, num_classes=2)
     write_shards(root / "val", val, samples_per_shard=2, split="validation", num_classes=2)
     return {"train": root / "train", "val": root / "val"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_determinism() -> Iterator[None]:
-    """--deterministic switches torch globally; leave the process as the test found it."""
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
 
 
 def records(out: Path) -> list[dict]:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,9 @@ CHEAP = [
 ]  # fmt: skip
 
 
+pytestmark = pytest.mark.usefixtures("restore_determinism")
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cloud-shards")
@@ -41,13 +43,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_shards(root / "train", train, samples_per_shard=3, num_classes=2)
     write_shards(root / "val", val, samples_per_shard=2, split="validation", num_classes=2)
     return {"train": root / "train", "val": root / "val"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_determinism() -> Iterator[None]:
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
 
 
 def upload(s3, folder: Path, bucket: str, prefix: str) -> str:
