@@ -38,6 +38,18 @@ def test_records_binarise_drop_empty_masks_and_name_classes_by_mid() -> None:
     assert ev.parse_predictions_csv(stream.getvalue().encode()) == records.predictions
 
 
+def test_an_image_without_detections_is_recorded_with_no_predictions() -> None:
+    # A model early in training can return nothing for an image: masks of shape (0, 1, H, W).
+    prediction = {
+        "masks": torch.zeros((0, 1, 6, 8)),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+    }
+    records = EvalRecords()
+    records.add("nothing", prediction, MIDS)
+    assert records.keys == ["nothing"] and records.predictions == []
+
+
 def test_scores_count_only_the_images_evaluated(tmp_path) -> None:
     gt_mask = (_rect(0, 0, 3, 3) > 0).astype(np.uint8)
     obj = ev.GroundTruthObject("/m/0k4j", (0, 0, 3 / 8, 0.5), False, ev.encode_mask(gt_mask))

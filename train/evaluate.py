@@ -46,7 +46,8 @@ class EvalRecords:
         labels = _numpy(prediction["labels"]).astype(np.int64)
         scores = _numpy(prediction["scores"]).astype(np.float64)
         height, width = binary.shape[-2:]
-        nonempty = binary.reshape(len(binary), -1).any(axis=1)
+        # Not reshape(n, -1): numpy cannot infer -1 when the model found nothing (n == 0).
+        nonempty = binary.reshape(len(binary), height * width).any(axis=1)
         rles = iter(evaluation.encode_masks(binary[nonempty]))
         for label, score, has_pixels in zip(labels, scores, nonempty, strict=True):
             self.predictions.append(
