@@ -145,6 +145,21 @@ def test_old_checkpoints_without_a_backbone_are_resnet50() -> None:
     assert (layout.backbone, layout.weights) == ("resnet50", "coco")
 
 
+def test_anchor_sizes_build_the_anchors_and_travel_with_the_checkpoint() -> None:
+    layout = layout_for("v2", "none", None, "resnet18", (8, 16, 32, 64, 128))
+    model = build_model(layout, 2, **TINY)
+    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    rebuilt, _, found = model_from_checkpoint(checkpoint_of(model, layout), "ckpt")
+    assert found.anchor_sizes == (8, 16, 32, 64, 128)
+    assert rebuilt.rpn.anchor_generator.sizes == model.rpn.anchor_generator.sizes
+    # Checkpoints from before the option have torchvision's anchors.
+    assert Layout.from_dict({k: v for k, v in layout.to_dict().items() if k != "anchor_sizes"}) == (
+        layout_for("v2", "none", None, "resnet18")
+    )
+    with pytest.raises(TrainError, match="5 increasing sizes"):
+        layout_for("v2", "none", None, "resnet18", (16, 8, 32, 64, 128))
+
+
 def test_weights_path_takes_the_architecture_from_the_checkpoint(tmp_path: Path) -> None:
     """``--weights PATH`` of a MobileNet checkpoint trains a MobileNet though the flags say
     nothing (the default backbone is resnet50)."""

@@ -377,7 +377,9 @@ def _layout(args: argparse.Namespace, state: dict[str, Any] | None, path: Any) -
     --model need not repeat it), else the flags'."""
     if state is None or "layout" not in state:
         weights = args.weights if args.weights in ("coco", "imagenet", "none") else "none"
-        return layout_for(args.model, weights, args.trainable_backbone_layers, args.backbone)
+        return layout_for(
+            args.model, weights, args.trainable_backbone_layers, args.backbone, args.anchor_sizes
+        )
     return Layout.from_dict(state["layout"])
 
 

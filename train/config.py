@@ -12,6 +12,9 @@ REFERENCE_BATCH = 16
 # --demo: a model that visibly learns, from random weights, on any CPU, in a fixed number of
 # steps (not minutes), so every machine reaches the same figure and only the time differs.
 # Chosen by cost per step (benchmarks/demo_step_cost.py; README, "What the demo does"):
+# torchvision's anchor sizes, one per FPN level, chosen for images of 800-1333 px.
+DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
+
 # ResNet-18, a cheap trunk that keeps the stride-4 FPN level the fake bucket's small traffic
 # lights need (MobileNetV3's FPN starts at stride 16); v2's normalised heads, which train from
 # scratch far more stably than v1's; images shrunk to 160 px on the long side (a quarter of the
@@ -117,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="coco (torchvision's COCO Mask R-CNN weights: resnet50 only), imagenet (the "
         "backbone's ImageNet weights), none (random init) or a checkpoint path (its "
         "architecture comes with it: --backbone and --model are then ignored)",
+    )
+    model.add_argument(
+        "--anchor-sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_ANCHOR_SIZES),
+        metavar="PX",
+        help="anchor side per FPN level (default: torchvision's, made for 800-1333 px images; "
+        "scale them with --min-size for small images)",
     )
     model.add_argument(
         "--min-size",

@@ -45,6 +45,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .config import DEFAULT_ANCHOR_SIZES
 from .errors import TrainError
 
 BACKBONES = ("resnet50", "resnet101", "resnet18", "mobilenet_v3_large")
@@ -87,6 +88,9 @@ class Layout:
     trainable_backbone_layers: int
     backbone: str = DEFAULT_BACKBONE
     weights: str = "none"  # where the initial weights came from: coco | imagenet | none
+    # Anchor side lengths in pixels, one per FPN level: no parameters, but predictions depend
+    # on them, so a checkpoint rebuilds with its own.
+    anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +105,7 @@ class Layout:
             trainable_backbone_layers=int(value["trainable_backbone_layers"]),
             backbone=str(value.get("backbone", DEFAULT_BACKBONE)),
             weights=str(value.get("weights", "coco" if pretrained else "none")),
+            anchor_sizes=tuple(int(v) for v in value.get("anchor_sizes", DEFAULT_ANCHOR_SIZES)),
         )
         _check(layout)
         return layout
@@ -120,6 +125,12 @@ def _check(layout: Layout) -> None:
     highest = max_trainable_layers(layout.backbone)
     if not 0 <= layout.trainable_backbone_layers <= highest:
         raise TrainError(f"--trainable-backbone-layers must be between 0 and {highest}")
+    sizes = layout.anchor_sizes
+    if len(sizes) != len(DEFAULT_ANCHOR_SIZES) or min(sizes) < 1 or list(sizes) != sorted(sizes):
+        raise TrainError(
+            f"--anchor-sizes takes {len(DEFAULT_ANCHOR_SIZES)} increasing sizes in pixels, one "
+            f"per FPN level (torchvision's: {' '.join(map(str, DEFAULT_ANCHOR_SIZES))})"
+        )
 
 
 def layout_for(
@@ -127,6 +138,7 @@ def layout_for(
     weights: str,
     trainable_backbone_layers: int | None,
     backbone: str = DEFAULT_BACKBONE,
+    anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
 ) -> Layout:
     """The layout ``--backbone``/``--model``/``--weights coco|imagenet|none`` produce
     (torchvision's rules: pretrained weights train the top 3 stages by default)."""
@@ -145,11 +157,12 @@ def layout_for(
             if trainable_backbone_layers is None
             else trainable_backbone_layers
         )
-        layout = Layout(variant, True, layers, backbone, weights)
+        layout = Layout(variant, True, layers, backbone, weights, tuple(anchor_sizes))
     elif weights == "none":
         # Untrained backbones train every stage (torchvision ignores a smaller value, with a
         # warning).
-        layout = Layout(variant, False, max_trainable_layers(backbone), backbone, "none")
+        layers = max_trainable_layers(backbone)
+        layout = Layout(variant, False, layers, backbone, "none", tuple(anchor_sizes))
     else:
         raise TrainError(f"unknown weights {weights!r}: choose coco, imagenet, none or a path")
     _check(layout)
@@ -214,11 +227,11 @@ def _assemble(layout: Layout, classes_with_background: int, options: dict) -> Ma
         backbone = _mobilenet_extractor(trunk, True, layers, norm_layer=fpn_norm)
         # Three feature maps (C4, C5, pool), each with every anchor size, as torchvision's
         # fasterrcnn_mobilenet_v3_large_fpn has them.
-        sizes = ((32, 64, 128, 256, 512),) * 3
+        sizes = (layout.anchor_sizes,) * 3
     else:
         trunk = getattr(torchvision.models, layout.backbone)(weights=None, norm_layer=norm)
         backbone = _resnet_fpn_extractor(trunk, layers, norm_layer=fpn_norm)
-        sizes = ((32,), (64,), (128,), (256,), (512,))
+        sizes = tuple((size,) for size in layout.anchor_sizes)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     heads: dict[str, nn.Module] = {}
     if layout.variant == "v2":
