@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -27,24 +27,7 @@ from oistream.sharding.catalog import (
     hash_order_key as hash_order_key,  # defined by the catalog, which ranks while it reads
 )
 from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
-
-
-@dataclass
-class SampleSpec:
-    image_id: str
-    # JSON-ready instance records (DESIGN section 4) in CSV order, ``class_index`` filled in.
-    instances: list[dict[str, Any]]
-    # Additive sample JSON fields: the evaluation annotations (``image_labels``, ``boxes``).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ShardSpec:
-    """One shard with its samples' records: what a worker needs to build it."""
-
-    index: int
-    name: str
-    samples: list[SampleSpec]
+from oistream.sharding.specs import SampleSpec, ShardSpec
 
 
 class Plan:

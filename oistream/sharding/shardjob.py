@@ -26,8 +26,8 @@ from oistream.sharding.options import (
     DEFAULT_MAX_MEMBER_BYTES,
     DEFAULT_READ_TIMEOUT,
 )
-from oistream.sharding.plan import SampleSpec, ShardSpec
 from oistream.sharding.remotezip import CorruptMember, ZipMember, fetch_members
+from oistream.sharding.specs import SampleSpec, ShardSpec
 from oistream.sharding.writer import OutputLocation, ShardStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
