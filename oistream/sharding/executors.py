@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import multiprocessing.util
 import os
 import queue as queue_module
 import threading
@@ -22,6 +23,7 @@ from oistream.sharding.shardjob import (
     JobContext,
     ProgressCallback,
     ShardResult,
+    ShardRunner,
     ShardTask,
     build_shard,
 )
@@ -73,9 +75,18 @@ def _send_progress() -> None:
     _unsent[:] = [0, 0, 0]
 
 
+_runner: ShardRunner | None = None
+
+
 def _build_in_worker(task: ShardTask, context: JobContext) -> ShardResult:
+    """One shard on this worker's runner: its loop and connections outlive the shard."""
+    global _runner
+    if _runner is None:
+        _runner = ShardRunner()
+        # Closed as the worker exits (multiprocessing runs these finalizers, not atexit).
+        multiprocessing.util.Finalize(None, _runner.close, exitpriority=10)
     try:
-        return build_shard(task, context, _report_progress)
+        return _runner.build(task, context, _report_progress)
     finally:
         _send_progress()
 
@@ -98,12 +109,13 @@ def run_local(
     processes = max(1, min(processes, task_count))
     if processes == 1:
         # One worker gains nothing from a process: build here and skip the spawn.
-        for task in tasks:
-            try:
-                outcome: ShardResult | BaseException = build_shard(task, context, on_progress)
-            except Exception as error:
-                outcome = error
-            on_result(task, outcome)
+        with ShardRunner() as runner:  # one loop and one set of connections for all shards
+            for task in tasks:
+                try:
+                    outcome: ShardResult | BaseException = runner.build(task, context, on_progress)
+                except Exception as error:
+                    outcome = error
+                on_result(task, outcome)
         return
     context = replace(context, concurrency=max(1, context.concurrency // processes))
     # spawn, not fork: the parent already holds s3fs clients and event loops.
