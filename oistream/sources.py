@@ -174,3 +174,6 @@ async def close_async_filesystem(fs: Any) -> None:
     http_session = getattr(fs, "_session", None)
     if http_session is not None:
         await http_session.close()
+    from oistream.sharding.httpclient import close_pool
+
+    close_pool(fs)  # the fetcher's own keep-alive connections, when it made any

@@ -90,6 +90,46 @@ def test_same_arguments_same_plan_and_hash() -> None:
     assert c.plan_hash != a.plan_hash
 
 
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("BoxXMin", 0.11),
+        ("BoxYMax", 0.61),
+        ("PredictedIoU", 0.5),
+        ("PredictedIoU", float("nan")),
+        ("Clicks", "0.2 0.3 1"),
+        ("BoxID", "ffffffff"),
+    ],
+)
+def test_the_hash_follows_every_value_a_sample_record_holds(column: str, value: Any) -> None:
+    ids = _ids(30)
+    table = _table([(i, PERSON.mid) for i in ids] + [(i, CAR.mid) for i in ids[::2]])
+    plan = make_plan(table, [PERSON, CAR], "train", per_class=6, samples_per_shard=4)
+    chosen, left_out = set(plan.image_ids()), set(ids) - set(plan.image_ids())
+    rows = table.rows
+    for images, changes in ((chosen, True), (left_out, False)):
+        target = rows.index[rows["ImageID"].isin(images)][-1]
+        if rows.at[target, column] == value or (
+            pd.isna(rows.at[target, column]) and value != value
+        ):
+            target = rows.index[rows["ImageID"].isin(images)][-2]
+        changed = rows.copy()
+        changed.at[target, column] = value
+        other = make_plan(
+            SegmentationTable(changed, len(changed), 0, []),
+            [PERSON, CAR],
+            "train",
+            per_class=6,
+            samples_per_shard=4,
+        )
+        assert other.shard_ids == plan.shard_ids
+        # A value of a sample's record changes the hash; a row of an image left out does not.
+        assert (other.plan_hash != plan.plan_hash) is changes
+        if changes:
+            records = [s.samples for s in other.shards()]
+            assert records != [s.samples for s in plan.shards()]
+
+
 def test_sample_holds_every_selected_instance_of_its_image_in_csv_order() -> None:
     image = _ids(1)[0]
     rows = [(image, CAR.mid), (image, PERSON.mid), (image, CAR.mid)]

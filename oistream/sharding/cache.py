@@ -19,7 +19,8 @@ Layout under the cache folder (default ``$XDG_CACHE_HOME/oistream``, else ``~/.c
 
 * ``files/{sha256(url)[:32]}-{sha256(url, size, etag)[:32]}``: a whole small file or CSV,
   byte for byte; older versions of the same URL are removed when a new one is stored;
-* ``zip-directories/{sha256(url, size, etag)}.json``: a zip's central directory.
+* ``zip-directories/{sha256(url, size, etag)}.cd``: a zip's central directory, its own bytes
+  behind a JSON header line.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from oistream import sources
-from oistream.sharding.remotezip import CentralDirectoryCache, ZipMember
+from oistream.sharding.remotezip import CentralDirectoryCache
 
 FILES_FOLDER = "files"
 DIRECTORIES_FOLDER = "zip-directories"
@@ -250,28 +251,27 @@ class _CopyingReader(_CountingReader):
 
 
 class _CountingDirectoryCache(CentralDirectoryCache):
-    """The zip-directory cache, counting the entries it serves as bytes taken from the cache
-    (46 bytes of central directory record plus the name, per member: what reading the
-    directory from the zip would have cost)."""
+    """The zip-directory cache, counting the directory bytes it serves as bytes taken from the
+    cache (what reading the directory from the zip would have cost)."""
 
     def __init__(self, directory: str, stats: CacheStats) -> None:
         super().__init__(directory)
         self._stats = stats
 
-    def get(self, url: str, size: int, etag: str) -> dict[str, ZipMember] | None:
+    def get(self, url: str, size: int, etag: str) -> tuple[bytes, int, int] | None:
         # The HEAD before this lookup is the fetcher's, and counted among its requests.
-        members = super().get(url, size, etag)
-        if members is None:
+        found = super().get(url, size, etag)
+        if found is None:
             self._stats.misses += 1
         else:
             self._stats.hits += 1
-            self._stats.cached_bytes += sum(46 + len(name.encode()) for name in members)
-        return members
+            self._stats.cached_bytes += len(found[0])
+        return found
 
-    def put(self, url: str, size: int, etag: str, members: Any) -> None:
+    def put(self, url: str, size: int, etag: str, *args: Any) -> None:
         # A cache folder we cannot write to must not turn into "unreadable zip" failures.
         with contextlib.suppress(OSError):
-            super().put(url, size, etag, members)
+            super().put(url, size, etag, *args)
 
 
 def _remove(path: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -27,24 +27,7 @@ from oistream.sharding.catalog import (
     hash_order_key as hash_order_key,  # defined by the catalog, which ranks while it reads
 )
 from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
-
-
-@dataclass
-class SampleSpec:
-    image_id: str
-    # JSON-ready instance records (DESIGN section 4) in CSV order, ``class_index`` filled in.
-    instances: list[dict[str, Any]]
-    # Additive sample JSON fields: the evaluation annotations (``image_labels``, ``boxes``).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ShardSpec:
-    """One shard with its samples' records: what a worker needs to build it."""
-
-    index: int
-    name: str
-    samples: list[SampleSpec]
+from oistream.sharding.specs import SampleSpec, ShardSpec
 
 
 class Plan:
@@ -131,22 +114,39 @@ class Plan:
         ]
 
     def _compute_hash(self) -> str:
-        digest = hashlib.sha256()
+        """sha256 of the header (split, classes, parameters), the shards' names and sizes, and
+        the selected rows in sample order, column by column: O(selected rows) in vectorised
+        steps, without building the samples' records (which are a function of exactly these
+        rows and the classes). Evaluation annotations count only where there are any."""
+        digest = hashlib.sha256(b"oistream-plan-v2\0")
         header = {
             "split": self.split,
             "classes": [asdict(c) for c in self.classes],
             "parameters": self.parameters,
         }
         digest.update(json.dumps(header, sort_keys=True).encode())
-        for shard in self.shards():
-            digest.update(shard.name.encode())
-            for sample in shard.samples:
-                # Without annotations, the hash is what it was before they existed.
-                fields = [sample.image_id, sample.instances] + (
-                    [sample.extra] if sample.extra else []
-                )
-                digest.update(json.dumps(fields, sort_keys=True).encode())
+        ids = self.image_ids()
+        digest.update(json.dumps(self.shard_names).encode())
+        digest.update(np.array([len(s) for s in self.shard_ids], dtype="<i8").tobytes())
+        positions = [self._positions[i] for i in ids]
+        digest.update(np.array([len(p) for p in positions], dtype="<i8").tobytes())
+        rows = self._rows.iloc[np.concatenate(positions)] if positions else self._rows.iloc[:0]
+        for column in _HASHED_TEXT:
+            # Valid rows hold no control characters in these columns (the catalog checks them).
+            digest.update("\x1f".join(rows[column].tolist()).encode() + b"\x1e")
+        numbers = rows[list(_HASHED_NUMBERS)].to_numpy(dtype="<f8", copy=True)
+        numbers[np.isnan(numbers)] = np.nan  # one bit pattern for every NaN
+        digest.update(numbers.tobytes())
+        for image_id in ids:
+            extra = self.annotations.get(image_id)
+            if extra:
+                digest.update(json.dumps([image_id, extra], sort_keys=True).encode())
         return digest.hexdigest()
+
+
+# What the plan hash covers of each selected row: everything its instance record is made from.
+_HASHED_TEXT = ("ImageID", "MaskPath", "LabelName", "BoxID", "Clicks")
+_HASHED_NUMBERS = ("BoxXMin", "BoxYMin", "BoxXMax", "BoxYMax", "PredictedIoU")
 
 
 def select_images(

@@ -143,7 +143,8 @@ async def read_central_directory(
     if cache is not None and etag is not None:
         cached = cache.get(_cache_url(fs, path), size, etag)
         if cached is not None:
-            return _keep(cached, wanted)
+            with contextlib.suppress(CorruptZip):  # a damaged entry is a miss: read afresh
+                return _parse_central_directory(*cached, wanted, path)
     pin = pinned_etag(etag)
 
     if size < _END_RECORD.size:
@@ -177,11 +178,10 @@ async def read_central_directory(
         directory_bytes = await _fetch_chunked(fetcher, fs, path, cd_start, cd_size, pin)
     del tail
 
-    keep = None if (cache is not None and etag is not None) else wanted
-    members = _parse_central_directory(directory_bytes, entries, concat, keep, path)
+    # Parsed (every entry walked and checked) before it is cached: a bad zip is never stored.
+    members = _parse_central_directory(directory_bytes, entries, concat, wanted, path)
     if cache is not None and etag is not None:
-        cache.put(_cache_url(fs, path), size, etag, members)
-        return _keep(members, wanted)
+        cache.put(_cache_url(fs, path), size, etag, directory_bytes, entries, concat)
     return members
 
 
@@ -502,32 +502,57 @@ async def _fetch_chunked(
     return b"".join(parts)
 
 
+# Signature and the three lengths of a central directory entry: all that walking past an entry
+# needs (name, extra and comment lengths sit at offsets 28, 30 and 32).
+_CENTRAL_LENGTHS = struct.Struct("<4s24xHHH")
+
+
 def _parse_central_directory(
     data: bytes, entries: int, concat: int, wanted: Collection[str] | None, path: str
 ) -> dict[str, ZipMember]:
+    """The members named in ``wanted`` (all when None), walking and checking every entry.
+
+    Every entry's signature and bounds are checked and the entries counted against the end
+    record whatever ``wanted`` holds; only the wanted ones are decoded in full. Names are
+    matched as their stored bytes: a wanted name is looked for as UTF-8, and for entries
+    without the UTF-8 flag as cp437 too.
+    """
     members: dict[str, ZipMember] = {}
+    if wanted is not None:
+        wanted_bytes: set[bytes] | None = set()
+        for name in wanted:
+            wanted_bytes.add(name.encode("utf-8"))
+            with contextlib.suppress(UnicodeEncodeError):
+                wanted_bytes.add(name.encode("cp437"))
+    else:
+        wanted_bytes = None
     view = memoryview(data)
     position = 0
     count = 0
+    size = len(data)
     header_size = _CENTRAL_HEADER.size
-    while position < len(data):
-        if position + header_size > len(data):
+    lengths = _CENTRAL_LENGTHS.unpack_from
+    signature = zipfile.stringCentralDir
+    while position < size:
+        if position + header_size > size:
             raise CorruptZip(f"{path}: truncated central directory", url=path)
-        fields = _CENTRAL_HEADER.unpack_from(data, position)
-        if fields[0] != zipfile.stringCentralDir:
+        magic, name_length, extra_length, comment_length = lengths(data, position)
+        if magic != signature:
             raise CorruptZip(f"{path}: bad central directory entry at {position}", url=path)
-        flags, method, crc = fields[5], fields[6], fields[9]
-        compress_size, file_size = fields[10], fields[11]
-        name_length, extra_length, comment_length = fields[12], fields[13], fields[14]
-        header_offset = fields[18]
         name_start = position + header_size
         extra_start = name_start + name_length
-        position = extra_start + extra_length + comment_length
+        entry_start, position = position, extra_start + extra_length + comment_length
         count += 1
+        if wanted_bytes is not None and data[name_start:extra_start] not in wanted_bytes:
+            continue
+        fields = _CENTRAL_HEADER.unpack_from(data, entry_start)
+        flags, method, crc = fields[5], fields[6], fields[9]
+        compress_size, file_size = fields[10], fields[11]
+        header_offset = fields[18]
         raw_name = bytes(view[name_start:extra_start])
         name = raw_name.decode("utf-8" if flags & _UTF8_FLAG else "cp437", errors="replace")
         if wanted is not None and name not in wanted:
-            continue
+            continue  # the bytes of a wanted name, read in the other encoding
         if 0xFFFFFFFF in (compress_size, file_size, header_offset):
             file_size, compress_size, header_offset = _zip64_extra(
                 view[extra_start : extra_start + extra_length],
@@ -539,7 +564,7 @@ def _parse_central_directory(
         members[name] = ZipMember(
             name, header_offset + concat, compress_size, file_size, method, crc
         )
-    if position != len(data):
+    if position != size:
         raise CorruptZip(f"{path}: central directory entry runs past its end", url=path)
     # Some writers store the entry count modulo 65536 instead of writing Zip64 records.
     if count != entries and (entries == 0xFFFF or count % 65536 != entries % 65536):
@@ -576,12 +601,6 @@ def _zip64_extra(
     raise CorruptZip(f"{path}: 0xFFFFFFFF field without a Zip64 extra field", url=path)
 
 
-def _keep(members: dict[str, ZipMember], wanted: Collection[str] | None) -> dict[str, ZipMember]:
-    if wanted is None:
-        return members
-    return {name: member for name, member in members.items() if name in wanted}
-
-
 def _version_tag(info: Mapping[str, Any]) -> str | None:
     """What changes when the object changes: its ETag, or for local files the mtime."""
     for key in ("ETag", "etag", "ETAG"):
@@ -599,54 +618,63 @@ def _cache_url(fs: Any, path: str) -> str:
 
 
 class CentralDirectoryCache:
-    """Central directories on disk, one JSON file per (url, size, ETag).
+    """Central directories on disk, one file per (url, size, ETag): the directory's own bytes.
 
     Reading a train zip's directory costs ~17 MB of range requests; a rerun (or another
-    process of the same run) reads it from here instead. Files are written to a temporary name
-    and renamed into place, so concurrent processes never see half a file; a file that cannot
-    be read or does not match its key is treated as absent.
+    process of the same run) reads it from here instead. The file holds one JSON header line
+    (format, url, size, ETag, entry count, offset shift, length and sha256 of the bytes) and then
+    the directory's bytes as the zip holds them, so storing costs a write, not an encoding of
+    every entry, and a read parses only the entries asked for (``read_central_directory``).
+    Files are written to a temporary name and renamed into place, so concurrent processes never
+    see half a file; a file that cannot be read, does not match its key or its digest is treated
+    as absent.
     """
 
-    FORMAT = "oistream-central-directory-v1"
+    FORMAT = "oistream-central-directory-v2"
 
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = os.fspath(directory)
 
     def _file(self, url: str, size: int, etag: str) -> str:
         digest = hashlib.sha256(f"{url}\0{size}\0{etag}".encode()).hexdigest()
-        return os.path.join(self.directory, f"{digest}.json")
+        return os.path.join(self.directory, f"{digest}.cd")
 
-    def get(self, url: str, size: int, etag: str) -> dict[str, ZipMember] | None:
+    def get(self, url: str, size: int, etag: str) -> tuple[bytes, int, int] | None:
+        """``(directory bytes, entries, offset shift)`` as stored by ``put``, or None."""
         try:
-            with open(self._file(url, size, etag), encoding="utf-8") as file:
-                document = json.load(file)
+            with open(self._file(url, size, etag), "rb") as file:
+                header = json.loads(file.readline(64 * 1024))
+                data = file.read(int(header["length"]) + 1)
             if (
-                document.get("format") != self.FORMAT
-                or document.get("url") != url
-                or document.get("size") != size
-                or document.get("etag") != etag
+                header.get("format") != self.FORMAT
+                or header.get("url") != url
+                or header.get("size") != size
+                or header.get("etag") != etag
+                or len(data) != header["length"]
+                or hashlib.sha256(data).hexdigest() != header.get("sha256")
             ):
                 return None
-            return {row[0]: ZipMember(*row) for row in document["members"]}
-        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            return data, int(header["entries"]), int(header["concat"])
+        except (OSError, ValueError, TypeError, KeyError):
             return None
 
-    def put(self, url: str, size: int, etag: str, members: Mapping[str, ZipMember]) -> None:
+    def put(self, url: str, size: int, etag: str, data: bytes, entries: int, concat: int) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        document = {
+        header = {
             "format": self.FORMAT,
             "url": url,
             "size": size,
             "etag": etag,
-            "members": [
-                [m.name, m.header_offset, m.compress_size, m.file_size, m.compress_type, m.crc]
-                for m in members.values()
-            ],
+            "entries": entries,
+            "concat": concat,
+            "length": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
         }
         handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(document, file, separators=(",", ":"))
+            with os.fdopen(handle, "wb") as file:
+                file.write(json.dumps(header, separators=(",", ":")).encode() + b"\n")
+                file.write(data)
             os.replace(temporary, self._file(url, size, etag))
         except BaseException:
             with contextlib.suppress(OSError):

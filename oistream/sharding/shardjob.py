@@ -11,7 +11,7 @@ import io
 import json
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,8 +26,8 @@ from oistream.sharding.options import (
     DEFAULT_MAX_MEMBER_BYTES,
     DEFAULT_READ_TIMEOUT,
 )
-from oistream.sharding.plan import SampleSpec, ShardSpec
 from oistream.sharding.remotezip import CorruptMember, ZipMember, fetch_members
+from oistream.sharding.specs import SampleSpec, ShardSpec
 from oistream.sharding.writer import OutputLocation, ShardStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -96,20 +96,74 @@ def build_shard(
 
     Per-image failures (a missing image or mask, a corrupt member) leave that image out and are
     returned in ``ShardResult.failures``; anything else raises and leaves no shard behind.
-    ``progress(samples, bytes, failures)`` is called as images complete.
+    ``progress(samples, bytes, failures)`` is called as images complete. A fresh event loop
+    and filesystems per call; ``ShardRunner`` keeps them across the shards of one process.
     """
-    return asyncio.run(_build_shard(task, context, progress))
+    with ShardRunner() as runner:
+        return runner.build(task, context, progress)
+
+
+class ShardRunner:
+    """Builds shards one after another on one event loop, keeping the filesystems it opened
+    (and so their pools of open connections) from one shard to the next.
+
+    A process that builds many shards would otherwise open ``concurrency`` new connections
+    (TCP, and TLS on real storage) per filesystem per shard and ramp its window up again each
+    time. Not thread-safe: one runner per thread. ``close`` (or leaving a ``with`` block)
+    closes the filesystems and the loop.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._filesystems: dict[str, Any] = {}
+
+    def __enter__(self) -> ShardRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def build(
+        self, task: ShardTask, context: JobContext, progress: ProgressCallback | None = None
+    ) -> ShardResult:
+        """``build_shard`` on this runner's loop and filesystems."""
+        return self._loop.run_until_complete(_build_shard(task, context, progress, self._open))
+
+    async def _open(self, root: str, options: dict[str, Any]) -> Any:
+        key = json.dumps([root, options], sort_keys=True, default=repr)
+        fs = self._filesystems.get(key)
+        if fs is None:
+            fs = self._filesystems[key] = await sources.open_async_filesystem(root, options)
+        return fs
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            for fs in self._filesystems.values():
+                self._loop.run_until_complete(sources.close_async_filesystem(fs))
+            self._filesystems.clear()
+            leftover = asyncio.all_tasks(self._loop)
+            for task in leftover:
+                task.cancel()
+            if leftover:
+                self._loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        finally:
+            self._loop.close()
 
 
 async def _build_shard(
-    task: ShardTask, context: JobContext, progress: ProgressCallback | None
+    task: ShardTask,
+    context: JobContext,
+    progress: ProgressCallback | None,
+    open_filesystem: Callable[[str, dict[str, Any]], Awaitable[Any]],
 ) -> ShardResult:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    images_fs = await sources.open_async_filesystem(context.images_root, context.images_options)
-    metadata_fs = await sources.open_async_filesystem(
-        context.metadata_root, context.metadata_options
-    )
+    images_fs = await open_filesystem(context.images_root, context.images_options)
+    metadata_fs = await open_filesystem(context.metadata_root, context.metadata_options)
     fetcher = Fetcher(
         concurrency=context.concurrency,
         retry=RetryPolicy(timeout=context.attempt_timeout, read_timeout=context.read_timeout),
@@ -160,8 +214,9 @@ async def _build_shard(
     finally:
         for leftover in pending:
             leftover.cancel()
-        await sources.close_async_filesystem(images_fs)
-        await sources.close_async_filesystem(metadata_fs)
+        if pending:
+            # Let the cancelled fetches unwind (their requests released) before the next shard.
+            await asyncio.gather(*pending, return_exceptions=True)
     stats = fetcher.stats
     return ShardResult(
         stats=shard.stats,
@@ -281,4 +336,4 @@ def _check_png(data: bytes, name: str) -> None:
         raise SampleFailure(f"mask {name} is truncated")
 
 
-__all__ = ["JobContext", "ShardResult", "ShardTask", "build_shard"]
+__all__ = ["JobContext", "ShardResult", "ShardRunner", "ShardTask", "build_shard"]
