@@ -44,7 +44,7 @@ _USER_AGENT = f"oistream/{oistream.__version__}"
 
 # Which client the fetcher uses for HTTP filesystems: "lean" (this one) or "aiohttp";
 # the environment variable OISTREAM_HTTP_CLIENT overrides it.
-DEFAULT_CLIENT = "lean"
+DEFAULT_CLIENT = "aiohttp"
 
 
 def usable_for(fs: Any) -> bool:
