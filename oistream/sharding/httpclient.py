@@ -43,7 +43,9 @@ _USER_AGENT = f"oistream/{oistream.__version__}"
 
 
 # Which client the fetcher uses for HTTP filesystems: "lean" (this one) or "aiohttp";
-# the environment variable OISTREAM_HTTP_CLIENT overrides it.
+# the environment variable OISTREAM_HTTP_CLIENT overrides it. aiohttp stays the default: with
+# the lean client, 2 of 12 benchmark runs at 20% (18,800 images) had 1,400-2,900 requests stall
+# for 15 s, cause not found; the lean client saved 40% of the command's CPU in the 10 clean runs.
 DEFAULT_CLIENT = "aiohttp"
 
 
