@@ -110,6 +110,7 @@ def test_a_run_trains_evaluates_draws_and_checkpoints(shards: dict, tmp_path: Pa
         "trainable_backbone_layers": 5,
         "backbone": "resnet50",
         "weights": "none",
+        "anchor_sizes": (32, 64, 128, 256, 512),
     }
 
 
