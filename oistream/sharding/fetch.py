@@ -682,11 +682,19 @@ class _HttpRequest:
             total=None, sock_connect=self.read_timeout, sock_read=self.read_timeout
         )
         url = URL(str(self.fs.encode_url(self.path)))
+
+        def send(target: URL) -> Awaitable[Any]:
+            return session.request(
+                self.method, target, headers=headers, allow_redirects=False, **options
+            )
+
+        return await self._follow_redirects(url, send)
+
+    async def _follow_redirects(self, url: URL, send: Callable[[URL], Awaitable[Any]]) -> Any:
+        """``send(url)``'s response, following at most MAX_REDIRECTS redirects on its host."""
         origin = (url.scheme, url.host, url.port)
         for _ in range(MAX_REDIRECTS + 1):
-            response = await session.request(
-                self.method, url, headers=headers, allow_redirects=False, **options
-            )
+            response = await send(url)
             if response.status not in _REDIRECT_STATUSES:
                 self.response = response
                 return response
@@ -717,23 +725,9 @@ class _LeanRequest(_HttpRequest):
         headers = {**(self.fs.kwargs.get("headers") or {}), **self.headers}
         encoded = self.fs.encode_url(self.path)  # a yarl URL already: no second parse
         url = encoded if isinstance(encoded, URL) else URL(str(encoded))
-        origin = (url.scheme, url.host, url.port)
-        for _ in range(MAX_REDIRECTS + 1):
-            response = await pool.request(self.method, url, headers, self.read_timeout)
-            if response.status not in _REDIRECT_STATUSES:
-                self.response = response
-                return response
-            location = response.headers.get("Location", "")
-            response.release()
-            target = url.join(URL(location))
-            if (target.scheme, target.host, target.port) != origin:
-                raise FetchError(
-                    f"{self.method} {self.path}: redirect to another host ({target.host}) refused",
-                    url=self.path,
-                    status=response.status,
-                )
-            url = target
-        raise FetchError(f"{self.method} {self.path}: too many redirects", url=self.path)
+        return await self._follow_redirects(
+            url, lambda target: pool.request(self.method, target, headers, self.read_timeout)
+        )
 
 
 async def _read_body(
