@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -154,7 +153,7 @@ def export_coco(
             for index, c in sorted(classes.items())
         ],
     }
-    _write_atomically(out_fs, f"{out_root}/{ANNOTATIONS_NAME}", json.dumps(document).encode())
+    sources.write_whole(out_fs, f"{out_root}/{ANNOTATIONS_NAME}", json.dumps(document).encode())
     line = (
         f"wrote {sources.join(out, ANNOTATIONS_NAME)}: {len(coco_images)} images, "
         f"{len(annotations)} annotations, {len(document['categories'])} categories"
@@ -203,17 +202,6 @@ def _samples(url: str, options: dict[str, Any]) -> Iterator[tuple[str, dict[str,
         raise OistreamError(f"cannot read shard {url}: {error}") from None
     if key is not None:
         yield key, fields
-
-
-def _write_atomically(fs: Any, path: str, data: bytes) -> None:
-    """Local: a temporary name, then a rename; object storage: one PUT is atomic already."""
-    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 __all__ = ["ANNOTATIONS_NAME", "IMAGES_FOLDER", "export_coco"]

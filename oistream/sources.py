@@ -149,6 +149,26 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def is_local(fs: Any) -> bool:
+    """Whether ``fs`` is the local disk (fsspec's ``file`` protocol)."""
+    protocol = fs.protocol
+    return "file" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
+
+
+def write_whole(fs: Any, path: str, data: bytes) -> None:
+    """Make ``path`` appear whole or not at all: on the local disk under the temporary name
+    ``{path}.{pid}.tmp`` (parent folders made), then renamed; on object storage one PUT, which
+    is atomic already."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, data)
+
+
 async def open_async_filesystem(url: str, options: dict[str, Any] | None = None) -> Any:
     """An async filesystem bound to the running event loop, its client session already open."""
     fs, _ = filesystem(url, options, asynchronous=True)

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import sys
-import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,7 +38,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 import oistream
@@ -315,15 +313,7 @@ class PredictionWriter:
 
     def _publish(self, relative: str, data: bytes) -> None:
         """Whole files only: local files by temporary name and rename, remote ones by one PUT."""
-        path = f"{self.root}/{relative}"
-        if isinstance(self.fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            partial = f"{path}.{uuid.uuid4().hex}.partial"
-            with open(partial, "wb") as stream:
-                stream.write(data)
-            os.replace(partial, path)
-        else:
-            self.fs.pipe_file(path, data)
+        sources.write_whole(self.fs, f"{self.root}/{relative}", data)
 
     def add(self, item: Item, output: dict[str, torch.Tensor]) -> None:
         """Record one image's detections (torchvision's output, on the CPU)."""

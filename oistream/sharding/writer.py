@@ -117,7 +117,7 @@ class OutputLocation:
         self.url = url.rstrip("/") or url
         self.options = sources.storage_options(url) if options is None else options
         self.fs, self.root = sources.filesystem(url, self.options)
-        self.is_local = "file" in _protocols(self.fs)
+        self.is_local = sources.is_local(self.fs)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -215,15 +215,7 @@ class OutputLocation:
         self.write_bytes(name, data)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        if self.is_local:
-            final = self.path(name)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            temporary = f"{final}.{os.getpid()}.tmp"
-            with open(temporary, "wb") as f:
-                f.write(data)
-            os.replace(temporary, final)
-        else:
-            self.fs.pipe_file(self.path(name), data)
+        sources.write_whole(self.fs, self.path(name), data)
 
     def shard(
         self, name: str, before_publish: Callable[[ShardStats], None] | None = None
@@ -319,11 +311,6 @@ class ShardFile:
             self._hashing.size,
             self._hashing.sha256.hexdigest(),
         )
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 @dataclass
