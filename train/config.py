@@ -9,6 +9,10 @@ from collections.abc import Sequence
 # torchvision's reference recipe: lr 0.02 for 16 images per step (8 GPUs x 2 images).
 REFERENCE_BATCH = 16
 
+# The architectures train/model.py builds (here, so --help needs no torch import).
+BACKBONES = ("resnet50", "resnet101", "resnet18", "mobilenet_v3_large")
+VARIANTS = ("v1", "v2")
+DEFAULT_BACKBONE = "resnet50"
 # torchvision's anchor sizes, one per FPN level, chosen for images of 800-1333 px.
 DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 
@@ -110,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--backbone",
-        choices=("resnet50", "resnet101", "resnet18", "mobilenet_v3_large"),
-        default="resnet50",
+        choices=BACKBONES,
+        default=DEFAULT_BACKBONE,
         help="the FPN's backbone",
     )
     model.add_argument(
         "--model",
-        choices=("v1", "v2"),
+        choices=VARIANTS,
         default="v1",
         help="heads: v1 (torchvision's original) or v2 (its v2 recipe: BatchNorm in the FPN and "
         "heads, which trains from scratch far more stably)",

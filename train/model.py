@@ -45,13 +45,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .config import DEFAULT_ANCHOR_SIZES
+from .config import BACKBONES, DEFAULT_ANCHOR_SIZES, DEFAULT_BACKBONE, VARIANTS
 from .errors import TrainError
 
-BACKBONES = ("resnet50", "resnet101", "resnet18", "mobilenet_v3_large")
-VARIANTS = ("v1", "v2")
 WEIGHTS = ("coco", "imagenet", "none")  # or a checkpoint path
-DEFAULT_BACKBONE = "resnet50"
 
 # torchvision publishes COCO Mask R-CNN weights for R50-FPN only (v1 and v2).
 _COCO: dict[tuple[str, str], WeightsEnum] = {
