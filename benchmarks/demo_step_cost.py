@@ -22,6 +22,7 @@ import time
 import torch
 
 import oistream
+from train.config import DEFAULT_CHANNELS
 from train.data import device_batches, make_batches
 from train.model import build_model, layout_for
 
@@ -36,14 +37,15 @@ CANDIDATES = (
 
 def step_cost(shards: str, spec: str, steps: int) -> tuple[float, float]:
     """(CPU seconds, wall seconds) per training step of candidate ``spec``."""
-    backbone, variant, size, rpn, roi = spec.split(":")
+    backbone, variant, size, rpn, roi, *width = spec.split(":")
+    channels = int(width[0]) if width else DEFAULT_CHANNELS
     torch.manual_seed(0)
     dataset = oistream.ShardDataset(shards, shuffle=0, train=True, resolve_occlusion=False)
     cpu = torch.device("cpu")
     loader = make_batches(dataset, 2, 0, device=cpu)
     batches = list(itertools.islice(device_batches(loader, cpu), steps + 1))
     model = build_model(
-        layout_for(variant, "none", None, backbone),
+        layout_for(variant, "none", None, backbone, channels=channels),
         len(dataset.classes) - 1,
         min_size=int(size),
         max_size=int(size),
@@ -75,7 +77,8 @@ def main() -> int:
     parser.add_argument(
         "--candidate",
         action="append",
-        help="BACKBONE:VARIANT:SIZE:RPN_SAMPLES:ROI_SAMPLES (repeatable; default: a set)",
+        help="BACKBONE:VARIANT:SIZE:RPN_SAMPLES:ROI_SAMPLES[:CHANNELS] (repeatable; default: "
+        "a set)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -160,6 +160,48 @@ def test_anchor_sizes_build_the_anchors_and_travel_with_the_checkpoint() -> None
         layout_for("v2", "none", None, "resnet18", (16, 8, 32, 64, 128))
 
 
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_narrow_channels_build_train_and_travel_with_the_checkpoint(
+    variant: str, backbone: str
+) -> None:
+    layout = layout_for(variant, "none", None, backbone, channels=64)
+    torch.manual_seed(0)
+    model = build_model(layout, 2, **TINY)
+    assert model.backbone.out_channels == 64
+    assert model.backbone.fpn.layer_blocks[0][0].out_channels == 64
+    mask_convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {conv.out_channels for conv in mask_convs} == {64}
+    assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 64
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    model.train()
+    losses = model(*tiny_batch())
+    assert all(torch.isfinite(value) for value in losses.values())
+    sum(losses.values()).backward()
+    rebuilt, _, found = model_from_checkpoint(checkpoint_of(model, layout), "ckpt")
+    assert found.channels == 64 and "64 channels" in found.describe()
+    assert rebuilt.backbone.out_channels == 64
+    # Checkpoints from before the option have torchvision's 256.
+    old = {k: v for k, v in layout.to_dict().items() if k != "channels"}
+    assert Layout.from_dict(old).channels == 256
+
+
+def test_default_channels_build_torchvisions_model_unchanged() -> None:
+    """With 256 channels the model is the one torchvision's builder makes: same parameter
+    names and shapes (the demo's old checkpoints and COCO weights load as before)."""
+    ours = build_model(layout_for("v1", "none", None, "resnet50"), 90, **TINY)
+    reference = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, **TINY
+    )
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+    with pytest.raises(TrainError, match="at least 8"):
+        layout_for("v2", "none", None, "resnet18", channels=4)
+    with pytest.raises(TrainError, match="COCO weights come with 256"):
+        layout_for("v2", "coco", None, "resnet50", channels=128)
+
+
 def test_weights_path_takes_the_architecture_from_the_checkpoint(tmp_path: Path) -> None:
     """``--weights PATH`` of a MobileNet checkpoint trains a MobileNet though the flags say
     nothing (the default backbone is resnet50)."""

@@ -378,7 +378,12 @@ def _layout(args: argparse.Namespace, state: dict[str, Any] | None, path: Any) -
     if state is None or "layout" not in state:
         weights = args.weights if args.weights in ("coco", "imagenet", "none") else "none"
         return layout_for(
-            args.model, weights, args.trainable_backbone_layers, args.backbone, args.anchor_sizes
+            args.model,
+            weights,
+            args.trainable_backbone_layers,
+            args.backbone,
+            args.anchor_sizes,
+            args.channels,
         )
     return Layout.from_dict(state["layout"])
 

@@ -43,9 +43,16 @@ from torchvision.models.detection.backbone_utils import (
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .config import BACKBONES, DEFAULT_ANCHOR_SIZES, DEFAULT_BACKBONE, VARIANTS
+from .config import (
+    BACKBONES,
+    DEFAULT_ANCHOR_SIZES,
+    DEFAULT_BACKBONE,
+    DEFAULT_CHANNELS,
+    VARIANTS,
+)
 from .errors import TrainError
 
 WEIGHTS = ("coco", "imagenet", "none")  # or a checkpoint path
@@ -68,6 +75,8 @@ PRETRAINED_TRAINABLE_LAYERS = 3
 # the 6 stages _mobilenet_extractor finds.
 _MAX_TRAINABLE = {"mobilenet_v3_large": 6}
 _RESNET_MAX_TRAINABLE = 5
+# The box head's last fully connected width in both of torchvision's variants.
+_BOX_REPRESENTATION = 1024
 
 
 def max_trainable_layers(backbone: str) -> int:
@@ -88,6 +97,8 @@ class Layout:
     # Anchor side lengths in pixels, one per FPN level: no parameters, but predictions depend
     # on them, so a checkpoint rebuilds with its own.
     anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
+    # Width of the FPN's outputs and of v2's head convolutions (torchvision: 256).
+    channels: int = DEFAULT_CHANNELS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,13 +114,15 @@ class Layout:
             backbone=str(value.get("backbone", DEFAULT_BACKBONE)),
             weights=str(value.get("weights", "coco" if pretrained else "none")),
             anchor_sizes=tuple(int(v) for v in value.get("anchor_sizes", DEFAULT_ANCHOR_SIZES)),
+            channels=int(value.get("channels", DEFAULT_CHANNELS)),
         )
         _check(layout)
         return layout
 
     def describe(self) -> str:
         """``Mask R-CNN resnet18-FPN v2`` as the trainer and predict announce it."""
-        return f"Mask R-CNN {self.backbone}-FPN {self.variant}"
+        width = "" if self.channels == DEFAULT_CHANNELS else f", {self.channels} channels"
+        return f"Mask R-CNN {self.backbone}-FPN {self.variant}{width}"
 
 
 def _check(layout: Layout) -> None:
@@ -128,6 +141,10 @@ def _check(layout: Layout) -> None:
             f"--anchor-sizes takes {len(DEFAULT_ANCHOR_SIZES)} increasing sizes in pixels, one "
             f"per FPN level (torchvision's: {' '.join(map(str, DEFAULT_ANCHOR_SIZES))})"
         )
+    if layout.channels < 8:
+        raise TrainError(f"--channels must be at least 8, not {layout.channels}")
+    if layout.pretrained and layout.weights == "coco" and layout.channels != DEFAULT_CHANNELS:
+        raise TrainError(f"COCO weights come with {DEFAULT_CHANNELS} FPN channels: drop --channels")
 
 
 def layout_for(
@@ -136,6 +153,7 @@ def layout_for(
     trainable_backbone_layers: int | None,
     backbone: str = DEFAULT_BACKBONE,
     anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES,
+    channels: int = DEFAULT_CHANNELS,
 ) -> Layout:
     """The layout ``--backbone``/``--model``/``--weights coco|imagenet|none`` produce
     (torchvision's rules: pretrained weights train the top 3 stages by default)."""
@@ -154,12 +172,12 @@ def layout_for(
             if trainable_backbone_layers is None
             else trainable_backbone_layers
         )
-        layout = Layout(variant, True, layers, backbone, weights, tuple(anchor_sizes))
+        layout = Layout(variant, True, layers, backbone, weights, tuple(anchor_sizes), channels)
     elif weights == "none":
         # Untrained backbones train every stage (torchvision ignores a smaller value, with a
         # warning).
         layers = max_trainable_layers(backbone)
-        layout = Layout(variant, False, layers, backbone, "none", tuple(anchor_sizes))
+        layout = Layout(variant, False, layers, backbone, "none", tuple(anchor_sizes), channels)
     else:
         raise TrainError(f"unknown weights {weights!r}: choose coco, imagenet, none or a path")
     _check(layout)
@@ -229,26 +247,44 @@ def _assemble(layout: Layout, classes_with_background: int, options: dict) -> Ma
         trunk = getattr(torchvision.models, layout.backbone)(weights=None, norm_layer=norm)
         backbone = _resnet_fpn_extractor(trunk, layers, norm_layer=fpn_norm)
         sizes = tuple((size,) for size in layout.anchor_sizes)
+    if layout.channels != backbone.out_channels:
+        _set_fpn_width(backbone, layout.channels, fpn_norm)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     heads: dict[str, nn.Module] = {}
     if layout.variant == "v2":
         channels = backbone.out_channels
+        convs = [channels] * 4
         heads = {
             "rpn_head": RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
             "box_head": FastRCNNConvFCHead(
-                (channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d
+                (channels, 7, 7), convs, [_BOX_REPRESENTATION], norm_layer=nn.BatchNorm2d
             ),
-            "mask_head": MaskRCNNHeads(
-                channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d
-            ),
+            "mask_head": MaskRCNNHeads(channels, convs, 1, norm_layer=nn.BatchNorm2d),
         }
-    return MaskRCNN(
-        backbone,
-        num_classes=classes_with_background,
-        rpn_anchor_generator=anchors,
-        **heads,
-        **options,
+    predictors: dict[str, object] = {"num_classes": classes_with_background}
+    if layout.channels != DEFAULT_CHANNELS:
+        # torchvision sizes v1's mask head and both variants' mask predictor for 256 channels
+        # unless given them; the box predictor has to come along (MaskRCNN takes either
+        # num_classes or the predictors).
+        width = layout.channels
+        if layout.variant == "v1":
+            heads["mask_head"] = MaskRCNNHeads(width, [width] * 4, 1)
+        predictors = {
+            "num_classes": None,
+            "box_predictor": FastRCNNPredictor(_BOX_REPRESENTATION, classes_with_background),
+            "mask_predictor": MaskRCNNPredictor(width, width, classes_with_background),
+        }
+    return MaskRCNN(backbone, rpn_anchor_generator=anchors, **heads, **predictors, **options)
+
+
+def _set_fpn_width(backbone: nn.Module, channels: int, norm: Callable | None) -> None:
+    """Give torchvision's extractor a ``channels``-wide FPN (its builders fix 256): the trunk,
+    its frozen stages and the returned layers stay as the extractor made them."""
+    in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+    backbone.fpn = FeaturePyramidNetwork(
+        in_channels, channels, extra_blocks=backbone.fpn.extra_blocks, norm_layer=norm
     )
+    backbone.out_channels = channels
 
 
 def _load(module: nn.Module, weights: WeightsEnum, what: str) -> None:
