@@ -23,22 +23,24 @@ DEFAULT_CHANNELS = 256
 # Chosen by cost per step (benchmarks/demo_step_cost.py; README, "What the demo does"):
 # ResNet-18, a cheap trunk that keeps the stride-4 FPN level the fake bucket's small traffic
 # lights need (MobileNetV3's FPN starts at stride 16); v2's normalised heads, which train from
-# scratch far more stably than v1's; images shrunk to 160 px on the long side (a quarter of the
-# fake bucket's pixels); few sampled anchors and proposals, since the heads dominate a step at
-# this size; a high lr with warm-up, clipping and a cosine decay to make the few steps count;
-# seeded, deterministic kernels to make the run repeatable; evaluation only at the end, keeping
-# 300 proposals per image.
-# Cheaper variants measured against it (mask mAP@0.5 on the demo's validation split, the
-# figure at the per-epoch evaluations of a 300- or 360-step run): v1 heads (1.21 against 2.02
-# wall s/step) 0.107 / 0.177 / 0.210 at steps 60 / 120 / 180; 16 sampled proposals (~1.6 s/step)
-# 0.385 at step 240 and 0.375 at step 270; 16 proposals with anchors of 8-128 px 0.313 at 240
-# (one torch thread).
-# None learns enough sooner to pay for itself, so the demo keeps 32 proposals and
-# torchvision's anchors.
+# scratch far more stably than v1's; 128 channels in the FPN and the heads instead of 256, since
+# at this size the heads' convolutions are most of a step (2.00 -> 0.71 wall s/step, 2 threads);
+# images shrunk to 160 px on the long side (a quarter of the fake bucket's pixels); few sampled
+# anchors and proposals; a high lr with warm-up, clipping and a cosine decay to make the few
+# steps count; seeded, deterministic kernels to make the run repeatable; evaluation only at the
+# end, keeping 300 proposals per image.
+# Measured (mask mAP@0.5 on the demo's validation split at per-epoch evaluations, quiet 2-core
+# machine): 256 channels, 300 steps: 0.490 in 739 s of training; 128 channels, 300 steps: 0.066
+# / 0.255 / 0.345 / 0.396 / 0.388 every 60 steps; 128 channels, 420 steps (the demo): 0.071 /
+# 0.296 / 0.377 / 0.361 / 0.514 / 0.517 / 0.557, 462 s of training. Cheaper variants of the
+# 256-channel model learned less per second: v1 heads (1.21 against 2.02 wall s/step) 0.107 /
+# 0.177 / 0.210 at steps 60 / 120 / 180; 16 sampled proposals (~1.6 s/step) 0.385 at step 240;
+# 16 proposals with anchors of 8-128 px 0.313 at 240 (one torch thread).
 DEMO_DEFAULTS: dict[str, object] = {
     "backbone": "resnet18",
     "model": "v2",
     "weights": "none",
+    "channels": 128,
     "min_size": [160],
     "max_size": 160,
     "batch_size": 2,
@@ -51,7 +53,7 @@ DEMO_DEFAULTS: dict[str, object] = {
     "warmup_steps": 20,
     "clip_grad": 10.0,
     "schedule": "cosine",
-    "epochs": 5,
+    "epochs": 7,
     "steps_per_epoch": 60,
     "eval_every": 0,
     "log_every": 10,
