@@ -27,7 +27,8 @@ ms of CPU per member on up to ``--decoder-sample`` members of each kind; the fas
 marked, and the decode limit with the fastest of each is printed beside (ii).
 
 Printed: ms of CPU per sample and samples/s of each, ours/(ii) as a throughput ratio (mark
->= 0.8), ours/(i) at 1k and 10k, and the per-sample cost at 10k over that at 1k for ours and (i).
+>= 0.9), ours/(i) at 1k and 10k, and the per-sample cost at 10k over that at 1k for ours (mark
+<= 1.1x) and (i).
 
 Run: ``.venv/bin/python benchmarks/loader.py [--sizes 1000 10000] [--image-size 512]``
 """
@@ -65,6 +66,10 @@ FILE_LABEL_INDEX = {mid.replace("/", ""): i for mid, i in CLASS_INDEX.items()}
 SAMPLES_PER_SHARD = 1000
 BOX_COLUMNS = ("BoxXMin", "BoxYMin", "BoxXMax", "BoxYMax")
 SHUFFLE = 1000
+# Issue 16's marks: ours at >= 0.9 of the decode limit, and per-sample cost at most 1.1x as
+# high at 10k images as at 1k.
+DECODE_LIMIT_MARK = 0.9
+FLATNESS_MARK = 1.1
 
 
 # --- Data --------------------------------------------------------------------------------------
@@ -319,7 +324,11 @@ def cpu_ms_per_sample(items: Iterable, expected: int) -> float:
 
 
 def prepare(size: int, image_size: int, scenes: int, work: Path) -> Path:
+    """Both layouts of a ``size``-image fake bucket under ``work``; kept ones are reused."""
     root = work / f"n{size}"
+    if (root / "shards" / "manifest.json").exists() and (root / "folder" / "masks").is_dir():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
     make_fake_bucket(
         root / "bucket",
         images=size,
@@ -371,7 +380,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; best is kept")
     parser.add_argument("--subset", type=int, default=1000, help="samples timed for (i), (ii)")
     parser.add_argument("--decoder-sample", type=int, default=300, help="members per kind")
-    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="folder for the data, kept and reused by later runs (default: a temporary one)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # one process, one core: what a DataLoader worker gets
     warm_up()
@@ -383,7 +396,8 @@ def main() -> None:
             f = results[size] = measure(
                 root, args.rounds, args.subset, seed=size, decoder_sample=args.decoder_sample
             )
-            shutil.rmtree(root, ignore_errors=True)
+            if args.work is None:
+                shutil.rmtree(root, ignore_errors=True)
             print(
                 f"{f['images']:>6} images, long side {args.image_size}px, ms of CPU per sample "
                 f"(samples/s): ours {f['ours']:.2f} ({1000 / f['ours']:.0f}/s) | "
@@ -396,7 +410,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     for size, f in results.items():
         ratio = f["decode"] / f["ours"]
-        mark = "meets >= 0.8" if ratio >= 0.8 else "BELOW 0.8"
+        mark = f"meets >= {DECODE_LIMIT_MARK}" if ratio >= DECODE_LIMIT_MARK else "MISSED"
         print(
             f"{size:>6}: ours/(ii) decode limit = {ratio:.2f} ({mark}); "
             f"ours/(i) folder Dataset = {f['folder'] / f['ours']:.2f}x; against the fastest "
@@ -407,9 +421,14 @@ def main() -> None:
         small, large = min(results), max(results)
         for name, label in (("ours", "ours"), ("folder", "(i)")):
             cost_small, cost_large = results[small][name], results[large][name]
+            growth = cost_large / cost_small
+            mark = ""
+            if name == "ours":
+                met = growth <= FLATNESS_MARK
+                mark = f"; {'meets' if met else 'MISSED'} <= {FLATNESS_MARK}x"
             print(
                 f"per-sample cost {label}: {cost_small:.2f} ms at {small} -> "
-                f"{cost_large:.2f} ms at {large} ({cost_large / cost_small:.2f}x)"
+                f"{cost_large:.2f} ms at {large} ({growth:.2f}x{mark})"
             )
 
 

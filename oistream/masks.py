@@ -36,6 +36,8 @@ from numba import njit
 from numba.typed import List
 from PIL import Image
 
+from oistream.headers import PNG_START
+
 __all__ = ["assemble_masks", "decode_mask_png", "reference_assemble_masks", "warm_up"]
 
 _SOURCE_MASK_TYPE = numba.types.Array(numba.types.uint8, 2, "C", readonly=True)
@@ -46,8 +48,6 @@ _LOW_BITS = np.uint64(0x0101010101010101)
 _HIGH_BITS = np.uint64(0x8080808080808080)
 _ZERO_WORD = np.uint64(0)
 
-# A PNG's signature, then the IHDR chunk's length (13) and type, which must come first.
-_PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (another
 # dependency); they still work, and are the faster ones for some members. Only that is silenced.
 TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
@@ -81,7 +81,7 @@ def decode_mask_png(data: bytes) -> np.ndarray:
 
 def _is_8bit_gray_png(data: bytes) -> bool:
     """From the IHDR chunk, which a PNG must start with: bit depth 8, colour type 0 (gray)."""
-    return len(data) > 26 and data[:16] == _PNG_START and data[24] == 8 and data[25] == 0
+    return len(data) > 26 and data[:16] == PNG_START and data[24] == 8 and data[25] == 0
 
 
 def _decode_with_torchvision(data: bytes) -> np.ndarray | None:
