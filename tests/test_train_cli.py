@@ -193,8 +193,14 @@ def test_a_time_limit_stops_with_a_checkpoint_and_an_evaluation(shards, capsys, 
 
 
 def test_demo_defaults_yield_to_explicit_flags() -> None:
-    demo = parse_args(["--train", "t", "--out", "o", "--demo", "--epochs", "7"])
-    assert (demo.model, demo.weights, demo.epochs, demo.eval_every) == ("v2", "none", 7, 0)
+    demo = parse_args(["--train", "t", "--out", "o", "--demo", "--epochs", "3"])
+    assert DEMO_DEFAULTS["epochs"] != 3
+    assert (demo.model, demo.weights, demo.epochs, demo.eval_every) == ("v2", "none", 3, 0)
+    assert (
+        demo.channels
+        == DEMO_DEFAULTS["channels"]
+        != parse_args(["--train", "t", "--out", "o"]).channels
+    )
     assert demo.time_limit_minutes == DEMO_DEFAULTS["time_limit_minutes"]
     plain = parse_args(["--train", "t", "--out", "o"])
     assert (plain.model, plain.weights, plain.epochs) == ("v1", "coco", 12)

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="coco",
         help="coco (torchvision's COCO Mask R-CNN weights: resnet50 only), imagenet (the "
         "backbone's ImageNet weights), none (random init) or a checkpoint path (its "
-        "architecture comes with it: --backbone and --model are then ignored)",
+        "architecture comes with it: --backbone, --model, --channels and --anchor-sizes are then "
+        "ignored)",
     )
     model.add_argument(
         "--anchor-sizes",
