@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _fake_shards import fake_shards  # noqa: E402
 
+from train.config import BACKBONES, DEFAULT_BACKBONE, VARIANTS  # noqa: E402
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -67,11 +69,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=2, help="epochs between evaluations")
     parser.add_argument("--max-val-images", type=int, default=200)
     parser.add_argument("--workers", type=int, default=min(12, max((os.cpu_count() or 2) - 2, 1)))
-    parser.add_argument("--model", choices=("v1", "v2"), default="v2")
+    parser.add_argument("--model", choices=VARIANTS, default="v2")
     parser.add_argument(
         "--backbone",
-        choices=("resnet50", "resnet101", "resnet18", "mobilenet_v3_large"),
-        default="resnet50",
+        choices=BACKBONES,
+        default=DEFAULT_BACKBONE,
         help="the FPN's backbone (one run per backbone gives the per-backbone figure)",
     )
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny run on the CPU")

@@ -319,7 +319,8 @@ def test_another_plan_into_the_same_folder_is_refused(s3_env, tmp_path, capsys):
     assert main(shard_args("validation", out)) == 0
     before = folder_bytes(out)
     assert main(shard_args("validation", out, "--seed", "5")) == 1
-    assert "another selection" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "another selection" in line and "version" in line and "--overwrite" in line
     assert folder_bytes(out) == before
 
 

@@ -37,7 +37,13 @@ from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.remotezip import coalesce
 from oistream.sharding.selection import read_image_ids
 from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask
-from oistream.sharding.writer import Lease, OutputLocation, claim_output, refuse_foreign_files
+from oistream.sharding.writer import (
+    Lease,
+    OutputLocation,
+    claim_output,
+    refuse_another_plan,
+    refuse_foreign_files,
+)
 
 # A dry run estimates the images' bytes from this many HEADs (planned images, in hash order).
 IMAGES_SAMPLED = 8
@@ -473,14 +479,7 @@ def _previous_plan_differs(location: OutputLocation, plan: Plan, overwrite: bool
     names = location.listing()
     refuse_foreign_files(location, names, overwrite)
     previous = location.read_json(PLAN_RECORD) if PLAN_RECORD in names else None
-    differs = isinstance(previous, dict) and previous.get("plan_hash") != plan.plan_hash
-    if differs and not overwrite:
-        raise OistreamError(
-            f"{location.url} holds shards of another selection "
-            f"(plan {str(previous.get('plan_hash', '?'))[:12]}); choose another --out, "
-            "or pass --overwrite to replace them"
-        )
-    return differs
+    return refuse_another_plan(location, previous, plan.plan_hash, overwrite)
 
 
 def _claim_output(location: OutputLocation, plan: Plan, overwrite: bool = False) -> Lease:

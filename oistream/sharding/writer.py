@@ -356,6 +356,22 @@ def refuse_foreign_files(location: OutputLocation, names: list[str], overwrite: 
         )
 
 
+def refuse_another_plan(
+    location: OutputLocation, previous: Any, plan_hash: str, overwrite: bool
+) -> bool:
+    """True when ``previous`` (the folder's plan record, or None) is another plan's; without
+    ``overwrite`` that is one line telling what to do. The same arguments plan differently
+    across versions whose plan hash changed, so the line names both causes."""
+    differs = isinstance(previous, dict) and previous.get("plan_hash") != plan_hash
+    if differs and not overwrite:
+        raise OistreamError(
+            f"{location.url} holds shards of another selection, or of an oistream version "
+            f"that planned differently (plan {str(previous.get('plan_hash', '?'))[:12]}); "
+            "choose another --out, or pass --overwrite to replace them"
+        )
+    return differs
+
+
 def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrite: bool) -> Lease:
     """Make ``location`` this run's, or refuse with one line having written and deleted nothing.
 
@@ -369,16 +385,7 @@ def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrit
     previous = location.read_json(PLAN_RECORD) if PLAN_RECORD in names else None
     if previous is not None and not isinstance(previous, dict):
         raise OistreamError(f"{location.url}/{PLAN_RECORD} is not a plan record; delete it")
-    if (
-        previous is not None
-        and previous.get("plan_hash") != plan_record["plan_hash"]
-        and not overwrite
-    ):
-        raise OistreamError(
-            f"{location.url} holds shards of another selection "
-            f"(plan {str(previous.get('plan_hash', '?'))[:12]}); choose another --out, "
-            "or pass --overwrite to replace them"
-        )
+    refuse_another_plan(location, previous, plan_record["plan_hash"], overwrite)
     lease = _take_lease(location)
     try:
         location.prepare()
