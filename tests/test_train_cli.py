@@ -111,6 +111,7 @@ def test_a_run_trains_evaluates_draws_and_checkpoints(shards: dict, tmp_path: Pa
         "backbone": "resnet50",
         "weights": "none",
         "anchor_sizes": (32, 64, 128, 256, 512),
+        "channels": 256,
     }
 
 
