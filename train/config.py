@@ -15,7 +15,7 @@ VARIANTS = ("v1", "v2")
 DEFAULT_BACKBONE = "resnet50"
 # torchvision's anchor sizes, one per FPN level, chosen for images of 800-1333 px.
 DEFAULT_ANCHOR_SIZES = (32, 64, 128, 256, 512)
-# torchvision's width of the FPN outputs and of the v2 heads' convolutions.
+# torchvision's width of the FPN outputs and of the heads' convolutions (--channels).
 DEFAULT_CHANNELS = 256
 
 # --demo: a model that visibly learns, from random weights, on any CPU, in a fixed number of

@@ -97,7 +97,7 @@ class Layout:
     # Anchor side lengths in pixels, one per FPN level: no parameters, but predictions depend
     # on them, so a checkpoint rebuilds with its own.
     anchor_sizes: tuple[int, ...] = DEFAULT_ANCHOR_SIZES
-    # Width of the FPN's outputs and of v2's head convolutions (torchvision: 256).
+    # Width of the FPN's outputs and of the heads' convolutions (torchvision: 256).
     channels: int = DEFAULT_CHANNELS
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,7 +247,8 @@ def _assemble(layout: Layout, classes_with_background: int, options: dict) -> Ma
         trunk = getattr(torchvision.models, layout.backbone)(weights=None, norm_layer=norm)
         backbone = _resnet_fpn_extractor(trunk, layers, norm_layer=fpn_norm)
         sizes = tuple((size,) for size in layout.anchor_sizes)
-    if layout.channels != backbone.out_channels:
+    narrow = layout.channels != DEFAULT_CHANNELS
+    if narrow:
         _set_fpn_width(backbone, layout.channels, fpn_norm)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     heads: dict[str, nn.Module] = {}
@@ -262,7 +263,7 @@ def _assemble(layout: Layout, classes_with_background: int, options: dict) -> Ma
             "mask_head": MaskRCNNHeads(channels, convs, 1, norm_layer=nn.BatchNorm2d),
         }
     predictors: dict[str, object] = {"num_classes": classes_with_background}
-    if layout.channels != DEFAULT_CHANNELS:
+    if narrow:
         # torchvision sizes v1's mask head and both variants' mask predictor for 256 channels
         # unless given them; the box predictor has to come along (MaskRCNN takes either
         # num_classes or the predictors).
