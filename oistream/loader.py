@@ -418,9 +418,7 @@ def decode_image(data: bytes) -> torch.Tensor:
     MAX_IMAGE_PIXELS, the decompression bomb limit; anything else that has no JPEG frame
     header goes through Pillow, which refuses bombs and decodes what is not really a JPEG.
     """
-    size = headers.jpeg_size(data)
-    if size is not None:
-        _refuse_bomb(*size)
+    if _checked_jpeg_size(data) is not None:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         with torchvision_decoders_unwarned():
             return decode_jpeg(encoded, mode=ImageReadMode.RGB)
@@ -436,11 +434,25 @@ def decode_image(data: bytes) -> torch.Tensor:
 def encoded_jpeg(data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
     """JPEG bytes as a 1-D uint8 tensor and (H, W) from the header, checked as ``decode_image``
     checks them; decoding is left to the consumer (nvJPEG on the GPU)."""
-    with _open_header(data) as probe:
-        width, height = probe.size
-        if probe.format != "JPEG":
-            raise _BadSample(f"image is {probe.format}, not JPEG: GPU decoding takes JPEGs only")
+    size = _checked_jpeg_size(data)
+    if size is None:
+        with _open_header(data) as probe:
+            if probe.format != "JPEG":
+                raise _BadSample(
+                    f"image is {probe.format}, not JPEG: GPU decoding takes JPEGs only"
+                )
+            size = probe.size
+    width, height = size
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), (height, width)
+
+
+def _checked_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, refused over the bomb limit; None when the
+    header does not say (Pillow then judges the bytes)."""
+    size = headers.jpeg_size(data)
+    if size is not None:
+        _refuse_bomb(*size)
+    return size
 
 
 def _refuse_bomb(width: int, height: int) -> None:
@@ -472,7 +484,8 @@ def torchvision_decoders_unwarned() -> Iterator[None]:
 
 def _short(error: Exception) -> str:
     # torchvision prefixes its messages with the C++ source location; the last part is the news.
-    return one_line(error).rsplit(", ", 1)[-1]
+    # Without the type name: the callers put it in front (it came twice before).
+    return one_line(error, with_type=False).rsplit(", ", 1)[-1]
 
 
 # --- The dataset -----------------------------------------------------------------------------
@@ -803,7 +816,9 @@ def _image_size(data: bytes, what: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as probe:
             return probe.size
     except Exception as error:
-        raise _BadSample(f"{what} has no readable image header: {_short(error)}") from None
+        raise _BadSample(
+            f"{what} has no readable image header: {type(error).__name__}: {_short(error)}"
+        ) from None
 
 
 class _Stream:
