@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import tempfile
@@ -357,6 +358,48 @@ def test_parse_clicks(text: str, expected: list[list[float]]) -> None:
 def test_parse_clicks_rejects_malformed(text: str) -> None:
     with pytest.raises(ValueError):
         parse_clicks(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0.86864 0.95498 1;0.89370 0.56579 0",  # published form: rewritten as text
+        "0.50000 1.00000 0",
+        "  0.5 0.25 0 \n",  # other valid forms: parsed, then encoded
+        "1 0 1 ; .5 2e-1 0",
+        "",
+    ],
+)
+def test_clicks_json_parses_to_what_parse_clicks_gives(text: str) -> None:
+    parsed = json.loads(catalog.clicks_json(text))
+    assert parsed == parse_clicks(text)
+    assert [type(v) for triple in parsed for v in triple] == [
+        type(v) for triple in parse_clicks(text) for v in triple
+    ]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 199_999), st.integers(0, 199_999), st.integers(0, 1)),
+        min_size=1,
+        max_size=20,
+    ),
+    st.sampled_from(["", " ", ";", "x", "e", "0", "-"]),
+    st.integers(0, 400),
+)
+def test_clicks_json_agrees_with_parse_clicks_on_published_text_and_its_damage(
+    triples: list[tuple[int, int, int]], replacement: str, at: int
+) -> None:
+    text = ";".join(f"{x / 100_000:.5f} {y / 100_000:.5f} {t}" for x, y, t in triples)
+    at = at % (len(text) + 1)
+    text = text[:at] + replacement + text[at + 1 :]
+    try:
+        expected = parse_clicks(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            catalog.clicks_json(text)
+        return
+    assert json.loads(catalog.clicks_json(text)) == expected
 
 
 # --- property: the numpy scan agrees with a plain csv-module reading -----------------------------

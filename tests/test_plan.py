@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 from pathlib import Path
@@ -148,6 +149,41 @@ def test_sample_holds_every_selected_instance_of_its_image_in_csv_order() -> Non
     assert first["clicks"] == [[0.2, 0.3, 1], [0.4, 0.5, 0]]
     assert plan.manifest_classes()[0] == {"index": 0, "mid": None, "name": "background"}
     assert plan.manifest_classes()[2] == {"index": 2, "mid": CAR.mid, "name": "Car"}
+
+
+def test_sample_json_holds_the_record_in_design_order_with_the_extra_fields_last() -> None:
+    image = _ids(1)[0]
+    plan = make_plan(_table([(image, CAR.mid), (image, PERSON.mid)]), [PERSON, CAR], "train")
+    (sample,) = plan.shard(0).samples
+    assert sample.masks == [
+        ("000.mask.png", sample.instances[0]["mask_path"]),
+        ("001.mask.png", sample.instances[1]["mask_path"]),
+    ]
+    record = json.loads(sample.record_json("train", 640, 480))
+    assert list(record) == ["image_id", "split", "width", "height", "instances"]
+    assert record == {
+        "image_id": image,
+        "split": "train",
+        "width": 640,
+        "height": 480,
+        "instances": sample.instances,
+    }
+    assert list(record["instances"][0]) == [
+        "mask",
+        "mask_path",
+        "label",
+        "class_index",
+        "box_id",
+        "box",
+        "predicted_iou",
+        "clicks",
+    ]
+    extra = {"image_labels": [{"label": CAR.mid, "confidence": 1}], "boxes": []}
+    plan.attach_annotations({image: extra})
+    (sample,) = plan.shard(0).samples
+    record = json.loads(sample.record_json("train", 640, 480))
+    assert list(record)[5:] == ["image_labels", "boxes"]
+    assert {k: record[k] for k in extra} == extra
 
 
 def test_max_images_caps_the_union() -> None:

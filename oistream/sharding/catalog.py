@@ -16,6 +16,7 @@ import csv
 import difflib
 import hashlib
 import io
+import json
 import math
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -786,13 +787,35 @@ def parse_clicks(clicks: str) -> list[list[float]]:
     return triples
 
 
+# The published form of a Clicks field (``_TRIPLE``s joined by ";"): its numbers are JSON
+# numbers as they stand, so its JSON is a rewrite of the text.
+_PUBLISHED_CLICKS_RE = re.compile(
+    r"[0-9]\.[0-9]{5} [0-9]\.[0-9]{5} [01](?:;[0-9]\.[0-9]{5} [0-9]\.[0-9]{5} [01])*"
+)
+
+
+def clicks_json(clicks: str) -> str:
+    """The JSON text of ``parse_clicks(clicks)`` (equal once parsed; the published form keeps
+    its digits, ``0.50000`` stays ``0.50000``).
+
+    The published form is rewritten as text: parsing it into floats and encoding them again
+    cost 45 us an instance, most of the plan's time on a 20% subset (54,623 instances).
+    """
+    if _PUBLISHED_CLICKS_RE.fullmatch(clicks) is not None:
+        return "[[" + clicks.replace(" ", ",").replace(";", "],[") + "]]"
+    return json.dumps(parse_clicks(clicks), separators=(",", ":"))
+
+
 def iter_image_instances(
-    table: SegmentationTable, image_ids: Iterable[str] | None = None
+    table: SegmentationTable,
+    image_ids: Iterable[str] | None = None,
+    clicks: Callable[[str], Any] = parse_clicks,
 ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """Per image, its instances in CSV order as JSON-ready dicts (DESIGN section 4).
 
     Images come in order of first appearance in the CSV, or in the order of ``image_ids``; an ID
-    with no rows in the table raises KeyError. Clicks are parsed here, only for these rows.
+    with no rows in the table raises KeyError. Clicks are converted here by ``clicks`` (parsed
+    into lists by default, ``clicks_json`` gives their JSON text), only for these rows.
     """
     rows = table.rows
     positions = rows.groupby("ImageID", sort=False).indices if len(rows) else {}
@@ -817,7 +840,7 @@ def iter_image_instances(
                         columns["BoxYMax"][i],
                     ],
                     "predicted_iou": None if math.isnan(iou) else iou,
-                    "clicks": parse_clicks(columns["Clicks"][i]),
+                    "clicks": clicks(columns["Clicks"][i]),
                 }
             )
         yield image_id, instances

@@ -20,6 +20,7 @@ from oistream.format import mask_field, shard_name
 from oistream.sharding.catalog import (
     OIClass,
     SegmentationTable,
+    clicks_json,
     hash_order_keys,
     iter_image_instances,
 )
@@ -84,11 +85,21 @@ class Plan:
             table = SegmentationTable(
                 rows=rows, total_rows=len(rows), malformed=0, malformed_examples=[]
             )
-            for image_id, instances in iter_image_instances(table, ids):
-                for instance in instances:
-                    instance["class_index"] = self._class_index[instance["label"]]
-                records = [_instance_record(k, x) for k, x in enumerate(instances)]
-                samples.append(SampleSpec(image_id, records, self.annotations.get(image_id, {})))
+            for image_id, instances in iter_image_instances(table, ids, clicks=clicks_json):
+                texts = [
+                    _instance_json(k, x, self._class_index[x["label"]])
+                    for k, x in enumerate(instances)
+                ]
+                masks = [(mask_field(k), x["mask_path"]) for k, x in enumerate(instances)]
+                extra = self.annotations.get(image_id)
+                samples.append(
+                    SampleSpec(
+                        image_id,
+                        masks,
+                        f"[{','.join(texts)}]",
+                        _compact_json(extra)[1:-1] if extra else "",
+                    )
+                )
         return ShardSpec(index, self.shard_names[index], samples)
 
     def shards(self) -> Iterator[ShardSpec]:
@@ -217,15 +228,20 @@ def make_plan(
     return Plan(split, classes, parameters, table, shard_ids)
 
 
-def _instance_record(k: int, instance: dict[str, Any]) -> dict[str, Any]:
-    """The instance as the shard's JSON holds it, keys in the order DESIGN section 4 lists them."""
-    return {
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _instance_json(k: int, instance: dict[str, Any], class_index: int) -> str:
+    """The instance as the shard's JSON holds it, keys in the order DESIGN section 4 lists
+    them; ``instance["clicks"]`` is already JSON text (``catalog.clicks_json``)."""
+    record = {
         "mask": mask_field(k),
         "mask_path": instance["mask_path"],
         "label": instance["label"],
-        "class_index": instance["class_index"],
+        "class_index": class_index,
         "box_id": instance["box_id"],
         "box": instance["box"],
         "predicted_iou": instance["predicted_iou"],
-        "clicks": instance["clicks"],
     }
+    return f'{_compact_json(record)[:-1]},"clicks":{instance["clicks"]}}}'

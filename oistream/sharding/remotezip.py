@@ -80,6 +80,18 @@ class ZipMember:
     compress_type: int
     crc: int
 
+    def __reduce__(self) -> tuple[type[ZipMember], tuple[str, int, int, int, int, int]]:
+        # Every shard task carries its members to a worker. A slots dataclass pickles through
+        # dataclasses' generic state functions: 23 us a member dumped and loaded, 10 us this way.
+        return ZipMember, (
+            self.name,
+            self.header_offset,
+            self.compress_size,
+            self.file_size,
+            self.compress_type,
+            self.crc,
+        )
+
 
 class CorruptMember(Exception):
     """A member whose bytes cannot be trusted: bad local header, bad inflate, CRC mismatch.

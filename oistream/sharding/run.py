@@ -403,9 +403,9 @@ def _estimate(item: _Prepared) -> None:
         for index in item.todo:
             for sample in plan.shard(index).samples:
                 members = [
-                    item.located.members[x["mask_path"]]
-                    for x in sample.instances
-                    if x["mask_path"] in item.located.members
+                    item.located.members[path]
+                    for _, path in sample.masks
+                    if path in item.located.members
                 ]
                 for start, end, _ in coalesce(members):
                     estimate.mask_requests += 1
@@ -427,7 +427,7 @@ def _execute(item: _Prepared, leases: list[Lease]) -> None:
 
         def task(index: int) -> ShardTask:
             spec = plan.shard(index)
-            paths = (x["mask_path"] for sample in spec.samples for x in sample.instances)
+            paths = (path for sample in spec.samples for _, path in sample.masks)
             members = {p: located.members[p] for p in paths if p in located.members}
             return ShardTask(
                 spec, members, located.zip_errors, located.zip_transient, located.zip_objects

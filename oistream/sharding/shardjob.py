@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from oistream import sources
+from oistream import headers, sources
 from oistream.format import progress_name
 from oistream.sharding.fetch import Fetcher, MissingObject, ObjectTooLarge, RetryPolicy
 from oistream.sharding.options import (
@@ -206,7 +206,7 @@ async def _build_shard(
                     fields = None
                 schedule_next()
                 if fields is not None:
-                    shard.add(sample.image_id, fields, instances=len(sample.instances))
+                    shard.add(sample.image_id, fields, instances=len(sample.masks))
                 if progress is not None:
                     progress(
                         1, sum(len(v) for v in fields.values()) if fields else 0, fields is None
@@ -242,13 +242,13 @@ async def _fetch_sample(
     if prefix in task.zip_transient:
         raise ShardIncomplete(f"{sample.image_id}: {task.zip_transient[prefix]}")
     needed = []
-    for instance in sample.instances:
-        member = task.members.get(instance["mask_path"])
+    for _, mask_path in sample.masks:
+        member = task.members.get(mask_path)
         if member is None:
             zip_error = task.zip_errors.get(prefix)
             if zip_error:
-                raise SampleFailure(f"mask {instance['mask_path']}: {zip_error}")
-            raise SampleFailure(f"mask {instance['mask_path']} is missing from its zip")
+                raise SampleFailure(f"mask {mask_path}: {zip_error}")
+            raise SampleFailure(f"mask {mask_path} is missing from its zip")
         needed.append(member)
     image_path = images_fs._strip_protocol(
         sources.image_url(context.images_root, context.split, sample.image_id)
@@ -270,25 +270,17 @@ async def _fetch_sample(
     image, masks = await asyncio.gather(image_request, masks_request)
     width, height = _jpeg_size(image, sample.image_id)
     fields: dict[str, bytes] = {"jpg": image}
-    for instance in sample.instances:
-        data = masks[instance["mask_path"]]
+    for field_name, mask_path in sample.masks:
+        data = masks[mask_path]
         if isinstance(data, MissingObject):
-            raise SampleFailure(f"mask {instance['mask_path']} is missing: {data}")
+            raise SampleFailure(f"mask {mask_path} is missing: {data}")
         if isinstance(data, CorruptMember):
-            raise SampleFailure(f"mask {instance['mask_path']} is corrupt: {data}")
+            raise SampleFailure(f"mask {mask_path} is corrupt: {data}")
         if isinstance(data, Exception):
             raise data  # a transport failure after retries: the shard fails, the run can resume
-        _check_png(data, instance["mask_path"])
-        fields[instance["mask"]] = data
-    record = {
-        "image_id": sample.image_id,
-        "split": context.split,
-        "width": width,
-        "height": height,
-        "instances": sample.instances,
-        **sample.extra,
-    }
-    fields["json"] = json.dumps(record, separators=(",", ":")).encode()
+        _check_png(data, mask_path)
+        fields[field_name] = data
+    fields["json"] = sample.record_json(context.split, width, height)
     return fields
 
 
@@ -302,9 +294,14 @@ async def _fetch_image(fetcher: Fetcher, fs: Any, path: str) -> bytes:
 
 
 def _jpeg_size(data: bytes, image_id: str) -> tuple[int, int]:
-    """Reads the header only: decoding every image would cost more CPU than the whole fetch."""
+    """Reads the header only: decoding every image would cost more CPU than the whole fetch.
+    The frame header is read directly (a few us); Pillow (122 us a JPEG) only when it does
+    not say."""
     if not (data.startswith(JPEG_START) and data.rstrip(b"\0").endswith(JPEG_END)):
         raise SampleFailure(f"image {image_id}.jpg is not a complete JPEG")
+    size = headers.jpeg_size(data)
+    if size is not None:
+        return size
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
