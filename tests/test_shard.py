@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -354,3 +355,38 @@ def test_zip_index_cache_spares_a_rerun_the_directories(s3_env, tmp_path):
     assert first.directory_bytes > 0
     assert second.directory_bytes == 0
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+
+
+def test_workers_started_before_the_plan_serve_every_split_with_the_same_bytes(s3_env, tmp_path):
+    pooled, here = tmp_path / "pooled", tmp_path / "here"
+    both = ("--split", "train", "validation")
+    assert main([*shard_args("train", pooled, "--processes", "2"), *both]) == 0
+    assert main([*shard_args("train", here, "--processes", "1"), *both]) == 0
+    assert folder_bytes(pooled) == folder_bytes(here)
+    assert {p.name for p in pooled.iterdir()} >= {"train", "validation"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "started"),
+    [
+        ({}, 2),  # no limit: as many shards as the split has
+        ({"max_images": 3}, 0),  # one shard at most: built in this process
+        ({"max_images": 4}, 2),
+        ({"per_class": 1}, 0),  # 2 classes x 1 image fit one shard of 3
+        ({"per_class": 2}, 2),
+        ({"per_class": 1, "expand_hierarchy": True}, 2),  # subclasses add images
+        ({"dry_run": True}, 0),
+        ({"executor": "dask", "scheduler": "tcp://x:1"}, 0),
+        ({"processes": 1}, 0),
+    ],
+)
+def test_workers_start_before_the_plan_only_when_more_than_one_shard_can_be_built(
+    changes: dict, started: int
+) -> None:
+    from oistream.sharding.options import ShardOptions
+    from oistream.sharding.run import _local_processes
+
+    options = ShardOptions(
+        classes=["Person", "Car"], split="train", out="x", samples_per_shard=3, processes=2
+    )
+    assert _local_processes(dataclasses.replace(options, **changes)) == started

@@ -13,6 +13,7 @@ leaves ``--out`` as it was, and a dry run never touches it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -139,6 +140,37 @@ def run_splits(options: ShardOptions) -> list[RunReport]:
         raise OistreamError(f"a split is named twice in {' '.join(splits)}")
     _check_executor(options)
     started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        workers = None
+        processes = _local_processes(options)
+        if processes:
+            workers = stack.enter_context(executors.LocalWorkers(processes))
+        return _plan_and_run(options, splits, started, workers)
+
+
+def _local_processes(options: ShardOptions) -> int:
+    """How many worker processes to start before planning: 0 unless the local executor will
+    build shards and the selection can fill more than one (one shard is built in this
+    process, without a spawn)."""
+    if options.executor != "local" or options.dry_run:
+        return 0
+    processes = options.processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
+    most = options.max_images
+    if options.per_class is not None and not options.expand_hierarchy:
+        by_class = options.per_class * len(options.classes)
+        most = by_class if most is None else min(most, by_class)
+    if processes <= 1 or (most is not None and most <= options.samples_per_shard):
+        return 0
+    return processes
+
+
+def _plan_and_run(
+    options: ShardOptions,
+    splits: list[str],
+    started: float,
+    workers: executors.LocalWorkers | None,
+) -> list[RunReport]:
+    """``run_splits`` once its arguments are checked and its workers (if any) are starting."""
     cache = MetadataCache(_usable_cache_dir(options.cache))
     metadata_options = sources.storage_options(options.metadata, options.endpoint_url)
     known = catalog.load_classes(
@@ -171,7 +203,7 @@ def run_splits(options: ShardOptions) -> list[RunReport]:
     leases: list[Lease] = []
     try:
         for item in prepared:
-            _execute(item, leases)
+            _execute(item, leases, workers)
             item.report.seconds = time.perf_counter() - started
     finally:
         for lease in leases:
@@ -413,7 +445,9 @@ def _estimate(item: _Prepared) -> None:
     item.report.estimate = estimate
 
 
-def _execute(item: _Prepared, leases: list[Lease]) -> None:
+def _execute(
+    item: _Prepared, leases: list[Lease], workers: executors.LocalWorkers | None = None
+) -> None:
     """Claim the folder, build the shards still to do, write the manifest."""
     o, plan, report, results = item.options, item.plan, item.report, item.results
     leases.append(_claim_output(item.location, plan, o.overwrite))
@@ -460,6 +494,7 @@ def _execute(item: _Prepared, leases: list[Lease]) -> None:
             o.show_progress,
             results,
             report,
+            workers,
         )
     if report.errors:
         raise OistreamError(
@@ -560,6 +595,7 @@ def _run_tasks(
     show_progress: bool,
     results: dict[str, dict[str, Any]],
     report: RunReport,
+    workers: executors.LocalWorkers | None = None,
 ) -> None:
     bar = tqdm(
         total=total_samples,
@@ -601,10 +637,14 @@ def _run_tasks(
         if executor == "dask":  # no per-image progress from the cluster: advance per shard
             on_progress(len(task.spec.samples), outcome.payload_bytes, len(outcome.failures))
 
+    local_processes = processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
+    if workers is not None:
+        local_processes = workers.processes
     try:
         if executor == "local":
-            workers = processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
-            executors.run_local(tasks, task_count, context, workers, on_result, on_progress)
+            executors.run_local(
+                tasks, task_count, context, local_processes, on_result, on_progress, workers
+            )
         elif executor == "dask":
             executors.run_dask(tasks, context, scheduler, on_result)
         else:
@@ -613,8 +653,8 @@ def _run_tasks(
         bar.close()
     if fetch_seconds > 0:
         # Shards built side by side each report their own mean; their sum is the run's mean.
-        processes_used = 1 if executor == "dask" else max(1, min(processes or 1, task_count))
-        report.mean_in_flight = in_flight_weighted / fetch_seconds * processes_used
+        side_by_side = 1 if executor == "dask" else max(1, min(local_processes, task_count))
+        report.mean_in_flight = in_flight_weighted / fetch_seconds * side_by_side
 
 
 def build_manifest(
