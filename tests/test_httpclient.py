@@ -30,6 +30,8 @@ def test_the_switch_and_filesystems_it_cannot_serve(monkeypatch: pytest.MonkeyPa
     assert not httpclient.usable_for(with_auth)
     monkeypatch.setenv("OISTREAM_HTTP_CLIENT", "aiohttp")
     assert not httpclient.usable_for(plain)
+    monkeypatch.delenv("OISTREAM_HTTP_CLIENT")
+    assert httpclient.usable_for(plain)  # the default: every shard test goes through it
 
 
 async def serve(handler: Handler) -> tuple[asyncio.AbstractServer, str, list[int]]:
