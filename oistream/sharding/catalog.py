@@ -226,10 +226,21 @@ def hash_order_key(image_id: str, seed: int) -> bytes:
 
 def hash_order_keys(image_ids: Iterable[str], seed: int) -> np.ndarray:
     """``hash_order_key`` of each ID as uint64, ordered as the digests' bytes are."""
+    return _hash_keys([i.encode() for i in image_ids], seed)
+
+
+def _hash_keys(image_ids: Iterable[bytes], seed: int) -> np.ndarray:
     prefix = f"{seed}:".encode()
     blake2b = hashlib.blake2b
-    digests = b"".join(blake2b(prefix + i.encode(), digest_size=8).digest() for i in image_ids)
+    digests = b"".join(blake2b(prefix + i, digest_size=8).digest() for i in image_ids)
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def _hash_keys_of_rows(image_ids: np.ndarray, seed: int) -> np.ndarray:
+    """``hash_order_key`` of each row's ImageID, given as fixed-width bytes (``S16``): hashed
+    once per image (a CSV has 1-20 rows an image), not once per row."""
+    unique, inverse = np.unique(image_ids, return_inverse=True)
+    return _hash_keys(unique.tolist(), seed)[inverse.ravel()]
 
 
 def read_segmentations(
@@ -250,7 +261,10 @@ def read_segmentations(
     read again are read through fsspec, by ranges.
     With a ``selection`` that limits the images, only the rows of images the plan may take are
     kept (all their rows of the selected classes, so the plan is the one the whole table gives);
-    memory then follows the selection, not how common its classes are.
+    memory then follows the selection, not how common its classes are. So does the work: a
+    row's values are parsed and checked only while its image can still be selected, so
+    ``malformed`` counts bad values among those rows (bad field counts and identifiers among
+    all rows of the selected classes).
     """
     mids = frozenset(mids)
     bound = None
@@ -285,10 +299,11 @@ def _filter_rows(
     for offset, block in blocks:  # offset: of the block in the file, to read lines again
         lines = _Lines(block)
         total_rows += lines.rows
-        frame, kept_lines, block_malformed, rejected = scan(lines)
+        frame, kept_lines, keys, block_malformed, rejected = scan(lines, bound)
         malformed += block_malformed
         if bound is not None:
-            bound.offer(frame, offset + lines.starts[kept_lines], offset + lines.ends[kept_lines])
+            starts, stops = offset + lines.starts[kept_lines], offset + lines.ends[kept_lines]
+            bound.offer(frame, starts, stops, keys)
         elif len(frame):
             frames.append(frame)
         for line, reason in sorted(rejected)[: _MAX_EXAMPLES - len(examples)]:
@@ -327,9 +342,16 @@ class _BlockScan:
         )
 
     def __call__(
-        self, lines: _Lines
-    ) -> tuple[pd.DataFrame, np.ndarray, int, list[tuple[int, str]]]:
-        """Valid rows of the selected classes, their line numbers, malformed count, reasons."""
+        self, lines: _Lines, bound: _SelectionBound | None = None
+    ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None, int, list[tuple[int, str]]]:
+        """Valid rows of the selected classes, their line numbers, their images' order keys
+        (with a ``bound``, else None), malformed count and reasons.
+
+        With a ``bound``, rows whose image ranks past its ceiling are dropped before their
+        values are parsed and checked: no selection can take them (the ceiling only falls), so
+        the work follows the selection. Their identifiers are checked (the key is hashed from
+        the ImageID), their values are not, and they are not counted as malformed.
+        """
         wrong = lines.wrong_shape()
         malformed = len(wrong)
         rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
@@ -339,13 +361,21 @@ class _BlockScan:
         malformed += int(invalid.sum())
         rejected += why
         candidates = candidates[~invalid]
+        keys = None
+        if bound is not None:
+            image_ids = np.ascontiguousarray(lines.fixed_width(candidates, 1, 16)[0])
+            keys = _hash_keys_of_rows(image_ids.view("S16").ravel(), bound.seed)
+            ceiling = bound.ceiling()
+            rankable = keys <= ceiling if ceiling is not None else np.zeros(len(keys), bool)
+            candidates, keys = candidates[rankable], keys[rankable]
         if not len(candidates):
-            return _empty_rows(), candidates, malformed, rejected
+            return _empty_rows(), candidates, keys, malformed, rejected
         frame, checks = _parse_and_check_values(lines, candidates)
         invalid, why = _rejections(candidates, checks)
         malformed += int(invalid.sum())
         rejected += why
-        return frame.loc[~invalid], candidates[~invalid], malformed, rejected
+        keys = keys[~invalid] if keys is not None else None
+        return frame.loc[~invalid], candidates[~invalid], keys, malformed, rejected
 
 
 class _SelectionBound:
@@ -378,14 +408,27 @@ class _SelectionBound:
         self.spare: list[np.ndarray] = []  # (key, start, stop) of lines not kept, as uint64 rows
         self.spare_rows = self.spare_after_prune = 0
 
-    def offer(self, frame: pd.DataFrame, starts: np.ndarray, stops: np.ndarray) -> None:
-        """Valid rows of one block in CSV order, with the file offsets of their lines."""
+    def offer(
+        self,
+        frame: pd.DataFrame,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        keys: np.ndarray | None = None,
+    ) -> None:
+        """Valid rows of one block in CSV order, with the file offsets of their lines and
+        (when known) their images' order keys."""
+        if keys is None:
+            keys = hash_order_keys(frame["ImageID"].tolist(), self.seed)
         if self.image_ids is not None and len(frame):
             wanted = frame["ImageID"].isin(self.image_ids).to_numpy()
-            frame, starts, stops = frame.loc[wanted], starts[wanted], stops[wanted]
+            frame, starts, stops, keys = (
+                frame.loc[wanted],
+                starts[wanted],
+                stops[wanted],
+                keys[wanted],
+            )
         if not len(frame):
             return
-        keys = hash_order_keys(frame["ImageID"].tolist(), self.seed)
         if self.per_class:
             labels = frame["LabelName"].to_numpy()
             for label in np.unique(labels):
@@ -430,7 +473,7 @@ class _SelectionBound:
     def _chosen(self) -> np.ndarray:
         return np.unique(np.concatenate([np.zeros(0, dtype=np.uint64), *self.best.values()]))
 
-    def _ceiling(self) -> np.uint64 | None:
+    def ceiling(self) -> np.uint64 | None:
         """Past this key no image can be selected any more; None: none can be at all."""
         if self.limit == 0:
             return None
@@ -440,7 +483,7 @@ class _SelectionBound:
         return max(b[-1] for b in full)
 
     def _keep_spare(self, spare: np.ndarray) -> None:
-        ceiling = self._ceiling()
+        ceiling = self.ceiling()
         if ceiling is None or not len(spare):
             return
         spare = spare[spare[:, 0] <= ceiling]
@@ -457,7 +500,7 @@ class _SelectionBound:
         self.kept_rows = self.rows_after_prune = len(self.kept[0])
 
     def _prune_spare(self) -> None:
-        ceiling = self._ceiling()
+        ceiling = self.ceiling()
         spare = np.concatenate(self.spare)
         self.spare = [spare[spare[:, 0] <= ceiling]] if ceiling is not None else []
         self.spare_rows = self.spare_after_prune = sum(len(x) for x in self.spare)
@@ -471,7 +514,7 @@ def _bounded_rows(
     parts = [] if kept is None else [kept]
     if len(needed):
         starts, stops = needed[:, 1].astype(np.int64), needed[:, 2].astype(np.int64)
-        frame, _, malformed, _ = _BlockScan(selected)(
+        frame, _, _, malformed, _ = _BlockScan(selected)(
             _Lines(_read_spans(csv_url, options, starts, stops))
         )
         keys = hash_order_keys(frame["ImageID"].tolist(), bound.seed)
