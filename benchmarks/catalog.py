@@ -15,7 +15,10 @@ reports its own peak RSS (``VmHWM``, interpreter and imports included) and the C
 * ``pandas``: ``pandas.read_csv`` of the whole file, then the rows of the four classes.
 
 Marks, at the largest size: the bounded read peaks below 200 MB at every fraction; the whole CSV
-scans at least 2x faster than pandas' read (pandas CPU / unbounded CPU, both measured here).
+scans at least 2x faster than pandas' read. The issue asks that of ``--per-class N``, so the
+mark is pandas CPU / bounded CPU (the read ``oistream shard --per-class`` does, which scans every
+line); pandas CPU / unbounded CPU (every row of the four classes parsed, validated and kept) is
+printed beside it.
 
 The default sizes are 672,500 rows (1x) and 2,690,000 (4x, the real train CSV's row count); the
 4x file is ~0.8 GB and pandas needs ~2.5 GB of memory to read it. ``--rows 2690000`` makes the
@@ -193,17 +196,22 @@ def main() -> int:
                     )
                 )
             if "pandas" in results:
-                ratio = results["pandas"]["cpu"] / results["unbounded"]["cpu"]
-                wall = results["pandas"]["wall"] / results["unbounded"]["wall"]
-                memory = results["pandas"]["peak"] / results["bounded"]["peak"]
+                pandas = results["pandas"]
+                ratio = pandas["cpu"] / results["bounded"]["cpu"]
+                wall = pandas["wall"] / results["bounded"]["wall"]
+                whole = pandas["cpu"] / results["unbounded"]["cpu"]
+                whole_wall = pandas["wall"] / results["unbounded"]["wall"]
+                memory = pandas["peak"] / results["bounded"]["peak"]
                 print(
-                    f"  pandas / ours: CPU {ratio:.2f}x, wall {wall:.2f}x (whole scan, unbounded); "
-                    f"peak RSS {memory:.1f}x (bounded)"
+                    f"  pandas / ours: CPU {ratio:.2f}x, wall {wall:.2f}x (whole scan, bounded); "
+                    f"CPU {whole:.2f}x, wall {whole_wall:.2f}x (unbounded); peak RSS "
+                    f"{memory:.1f}x (bounded)"
                 )
                 if rows == largest:
                     marks.append(
                         (
-                            f"{rows:,} rows, {fraction:.0%}: scan {ratio:.2f}x >= 2x",
+                            f"{rows:,} rows, {fraction:.0%}: bounded scan {ratio:.2f}x >= 2x "
+                            f"(unbounded {whole:.2f}x, not a mark)",
                             ratio >= SPEED_MARK,
                         )
                     )
