@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import random
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 from test_catalog import PERSON, csv_row, write_csv
 
+from oistream.errors import OistreamError
 from oistream.sharding import catalog
 from oistream.sharding.catalog import read_segmentations
 from oistream.testing.hostile import crafted_clicks
@@ -87,3 +90,49 @@ def test_repeated_rows_are_dropped_and_counted(tmp_path: Path) -> None:
     table = read_segmentations(path, [PERSON], chunksize=1)  # repeats across blocks too
     assert table.duplicates == 3
     assert table.rows["BoxID"].tolist() == [f"{1:08x}", f"{2:08x}"]
+
+
+class _FailingFile(io.BytesIO):
+    """A CSV whose storage fails after ``good`` bytes, as a dropped transfer would."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        super().__init__(data)
+        self.good = good
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.good:
+            raise ConnectionResetError("the server closed the connection")
+        return super().read(size)
+
+
+def test_a_read_failing_ahead_of_the_parser_is_one_line_at_its_place(tmp_path: Path) -> None:
+    lines = [catalog.HEADER] + [
+        csv_row(i, PERSON, i, clicks="0.10000 0.20000 1") for i in range(3000)
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+    opened = []
+
+    def opener() -> _FailingFile:
+        opened.append(_FailingFile(data, good=len(data) // 2))
+        return opened[-1]
+
+    with pytest.raises(OistreamError) as failure:
+        catalog.read_segmentations("s3://b/seg.csv", ["/m/01g317"], chunksize=64, opener=opener)
+    assert str(failure.value) == (
+        "cannot read s3://b/seg.csv: ConnectionResetError: the server closed the connection"
+    )
+    assert opened[0].closed
+    assert not [t for t in threading.enumerate() if t.name == "csv-read-ahead"]
+
+
+def test_leaving_the_blocks_early_stops_the_read_ahead_before_the_file_closes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "seg.csv"
+    path.write_bytes(b"header\n" + b"x,y\n" * 200_000)
+    blocks = catalog._read_line_blocks(str(path), None, block_bytes=4096)
+    assert bytes(next(blocks)[1]) == b"header\n"
+    offset, block = next(blocks)
+    assert (offset, bytes(block[:4])) == (7, b"x,y\n")
+    blocks.close()
+    assert not [t for t in threading.enumerate() if t.name == "csv-read-ahead"]

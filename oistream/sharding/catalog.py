@@ -18,7 +18,9 @@ import hashlib
 import io
 import json
 import math
+import queue
 import re
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -959,40 +961,105 @@ def _read_line_blocks(
             raise fail(error) from error
         newline = start.find(b"\n")
         yield 0, start if newline < 0 else start[: newline + 1]
-        # Blocks are handed out as views, not copies; only the partial last line is carried over.
-        carry = b"" if newline < 0 else start[newline + 1 :]
-        carry_offset = newline + 1  # where carry starts in the file
-        position = len(start)  # where the next read starts
-        skipping = newline < 0  # inside a line already too long: drop bytes up to its end
-        while True:
+        with _ReadAhead(file, block_bytes) as pieces:
+            yield from _complete_lines(pieces, start, newline, fail)
+
+
+class _ReadAhead:
+    """``file.read(size)`` pieces read one step ahead on a thread of their own, so that the
+    next piece arrives while this one is parsed.
+
+    Reading and parsing the CSV used to take turns: on the shard benchmark's 326k-row CSV, 100 ms
+    away, 2.3 s of transfer and ~2 s of parsing one after the other. At most ``depth`` pieces
+    wait (memory: ``depth + 1`` pieces); a failure while reading is raised to the consumer at
+    the piece it would have been; leaving the ``with`` block early stops the thread before the
+    file is closed.
+    """
+
+    def __init__(self, file: Any, size: int, depth: int = 1) -> None:
+        self._file, self._size = file, size
+        self._pieces: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="csv-read-ahead", daemon=True)
+
+    def __enter__(self) -> Iterator[bytes]:
+        self._thread.start()
+        return self._iterate()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a put waiting for room
+            with contextlib.suppress(queue.Empty):
+                self._pieces.get(timeout=0.05)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
             try:
-                chunk = file.read(block_bytes)
-            except Exception as error:
-                raise fail(error) from error
-            if not chunk:
-                break
-            chunk_offset, position = position, position + len(chunk)
-            if skipping:
-                newline = chunk.find(b"\n")
-                if newline < 0:
+                piece: bytes | BaseException = self._file.read(self._size)
+            except BaseException as error:  # handed to the consumer, raised there
+                piece = error
+            while not self._stop.is_set():
+                try:
+                    self._pieces.put(piece, timeout=0.05)
+                    break
+                except queue.Full:
                     continue
-                # The stub, one byte over the cap, so the line is still seen and counted as
-                # malformed; what follows it starts a block at its true offset.
-                yield carry_offset, carry + b"\n"
-                carry, skipping = b"", False
-                chunk, chunk_offset = chunk[newline + 1 :], chunk_offset + newline + 1
-            data_offset = carry_offset if carry else chunk_offset
-            data = carry + chunk if carry else chunk
-            del chunk
-            cut = data.rfind(b"\n") + 1
-            carry, carry_offset = data[cut:], data_offset + cut
-            if len(carry) > MAX_ROW_BYTES:
-                # Memory stays bounded however long the line runs.
-                carry, skipping = carry[: MAX_ROW_BYTES + 1], True
-            if cut:
-                complete = memoryview(data)[:cut]
-                del data  # the view alone keeps the block alive, for as long as the caller needs it
-                yield data_offset, complete
-                del complete
-        if carry:  # a last line without its newline
+            if not piece or isinstance(piece, BaseException):
+                return
+
+    def _iterate(self) -> Iterator[bytes]:
+        while True:
+            piece = self._pieces.get()
+            if isinstance(piece, BaseException):
+                raise piece
+            if not piece:
+                return
+            yield piece
+
+
+def _complete_lines(
+    pieces: Iterator[bytes],
+    start: bytes,
+    newline: int,
+    fail: Callable[[Exception], OistreamError],
+) -> Iterator[tuple[int, bytes | memoryview]]:
+    """Blocks of complete lines from the pieces after the first read (``start``, whose first
+    newline is at ``newline``), each with its offset in the file (``_read_line_blocks``)."""
+    # Blocks are handed out as views, not copies; only the partial last line is carried over.
+    carry = b"" if newline < 0 else start[newline + 1 :]
+    carry_offset = newline + 1  # where carry starts in the file
+    position = len(start)  # where the next read starts
+    skipping = newline < 0  # inside a line already too long: drop bytes up to its end
+    while True:
+        try:
+            chunk = next(pieces, b"")
+        except Exception as error:
+            raise fail(error) from error
+        if not chunk:
+            break
+        chunk_offset, position = position, position + len(chunk)
+        if skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                continue
+            # The stub, one byte over the cap, so the line is still seen and counted as
+            # malformed; what follows it starts a block at its true offset.
             yield carry_offset, carry + b"\n"
+            carry, skipping = b"", False
+            chunk, chunk_offset = chunk[newline + 1 :], chunk_offset + newline + 1
+        data_offset = carry_offset if carry else chunk_offset
+        data = carry + chunk if carry else chunk
+        del chunk
+        cut = data.rfind(b"\n") + 1
+        carry, carry_offset = data[cut:], data_offset + cut
+        if len(carry) > MAX_ROW_BYTES:
+            # Memory stays bounded however long the line runs.
+            carry, skipping = carry[: MAX_ROW_BYTES + 1], True
+        if cut:
+            complete = memoryview(data)[:cut]
+            del data  # the view alone keeps the block alive, for as long as the caller needs it
+            yield data_offset, complete
+            del complete
+    if carry:  # a last line without its newline
+        yield carry_offset, carry + b"\n"
