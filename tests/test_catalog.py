@@ -9,6 +9,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -556,3 +557,12 @@ def test_clicks_in_the_published_form_are_checked_as_the_pattern_checks_them(
         path.write_text(text)
         table = read_segmentations(str(path), {PERSON})
     assert (mask_paths(table), table.malformed) == reference_filter(text, {PERSON})
+
+
+@given(st.lists(st.integers(0, 5), max_size=40), st.integers(0, 3))
+def test_order_keys_of_rows_equal_the_keys_of_their_ids(picks: list[int], seed: int) -> None:
+    # Rows of one image together or apart, as bytes the scan cut out: the same keys as the IDs'.
+    ids = [f"{0xABC0 + k:016x}" for k in picks]
+    keys = catalog._hash_keys_of_rows(np.array([i.encode() for i in ids], dtype="S16"), seed)
+    assert keys.dtype == np.uint64
+    assert keys.tolist() == catalog.hash_order_keys(ids, seed).tolist()
