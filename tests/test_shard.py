@@ -179,6 +179,40 @@ def test_kill_9_then_rerun_gives_identical_result(s3, tmp_path):
     assert not list(out.glob(".*.partial"))
 
 
+def test_ctrl_c_stops_the_run_and_its_workers_with_one_line(s3, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, **s3.env()}
+    args = shard_args("train", out, "--concurrency", "1", "--processes", "2")
+    args[args.index("--samples-per-shard") + 1] = "1"  # many shards: a run to interrupt
+    run = subprocess.Popen(
+        [sys.executable, "-m", "oistream", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("train-*.tar")) and time.monotonic() < deadline:
+            assert run.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)  # as a terminal sends it: to the whole group
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "oistream shard: interrupted; rerun the same command to resume"
+    )
+    deadline = time.monotonic() + 30
+    while _group_alive(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(run.pid), "worker processes outlived the interrupted run"
+    assert not (out / "manifest.json").exists()
+
+
 def _group_alive(group: int) -> bool:
     try:
         os.killpg(group, 0)

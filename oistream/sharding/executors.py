@@ -12,6 +12,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import queue as queue_module
+import signal
 import threading
 import time
 import uuid
@@ -39,6 +40,9 @@ def _init_worker(progress_queue: multiprocessing.Queue, parent_pid: int) -> None
     global _progress_queue, _parent_pid
     _progress_queue = progress_queue
     _parent_pid = parent_pid
+    # Ctrl-C reaches the whole process group; the parent decides (it ends the workers, see
+    # LocalWorkers.__exit__) and says so in one line, where each worker printed a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 
@@ -136,8 +140,19 @@ class LocalWorkers:
     def __enter__(self) -> LocalWorkers:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is not None:
+            # Interrupted or failed: shards being built are not waited for (their partial
+            # files are removed by the next run, as after a kill).
+            self.terminate()
         self.close()
+
+    def terminate(self) -> None:
+        """End the worker processes now (SIGTERM)."""
+        # ProcessPoolExecutor has no public way to do this before Python 3.14.
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            if process.is_alive():
+                process.terminate()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
