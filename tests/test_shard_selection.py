@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -315,3 +316,36 @@ def test_an_unwritable_cache_folder_named_is_refused_the_default_one_skipped(
     assert report.manifest["failures"] == [] and report.catalog_bytes > 0
     run_shard(_options(tmp_path, str(tmp_path / "ref"), cache=None))  # --no-cache
     assert folder_bytes(out) == folder_bytes(tmp_path / "ref")
+
+
+class _RecordingFilesystem:
+    """Answers ``info`` as told and records what ``open`` was asked."""
+
+    def __init__(self, info: dict) -> None:
+        self._info = info
+        self.opened: list[dict] = []
+
+    def info(self, path: str) -> dict:
+        return dict(self._info)
+
+    def open(self, path: str, mode: str, **kwargs) -> io.BytesIO:
+        self.opened.append(kwargs)
+        return io.BytesIO(b"a,b\n")
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"),
+    [
+        ({"size": 4, "ETag": '"e"'}, {"size": 4}),  # cached on the way
+        ({"size": 4}, {"size": 4}),  # nothing to validate against: not cached
+        ({"size": None, "ETag": '"e"'}, {}),  # no size: the file finds it itself
+    ],
+)
+def test_a_fetched_entry_is_opened_with_the_size_its_head_gave(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, info: dict, expected: dict
+) -> None:
+    fs = _RecordingFilesystem(info)
+    monkeypatch.setattr("oistream.sources.filesystem", lambda url, options: (fs, "b/key"))
+    with MetadataCache(str(tmp_path)).open("s3://b/key", {}) as file:
+        assert file.read() == b"a,b\n"
+    assert fs.opened == [expected]

@@ -70,6 +70,15 @@ def version_of(info: dict[str, Any]) -> tuple[int, str | None]:
     return size, None
 
 
+def _open_sized(fs: Any, path: str, info: dict[str, Any]) -> BinaryIO:
+    """``fs.open(path, "rb")`` told the size our HEAD (``info``) just gave, when it gave one:
+    fsspec's buffered files would otherwise ask for it again (one more round trip per file,
+    0.1 s at 100 ms)."""
+    if info.get("size") is None:
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", size=int(info["size"]))
+
+
 def cache_key(url: str, options: dict[str, Any] | None) -> str:
     """The URL as the cache knows it: an S3 key on another endpoint is another object."""
     endpoint = (options or {}).get("endpoint_url")
@@ -120,7 +129,7 @@ class MetadataCache:
         self.stats.heads += 1
         size, etag = version_of(info)
         if etag is None:  # nothing to validate against: never cache it
-            remote = fs.open(path, "rb")
+            remote = _open_sized(fs, path, info)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, size))
         entry = self._entry(cache_key(url, options), size, etag)
         try:
@@ -133,7 +142,7 @@ class MetadataCache:
                 return _CountingReader(local, self._counter("cached_bytes", progress, size))
             local.close()  # not what it was stored as: fetch again
         self.stats.misses += 1
-        remote = fs.open(path, "rb")
+        remote = _open_sized(fs, path, info)
         counter = self._counter("fetched_bytes", progress, size)
         try:
             return _CopyingReader(remote, entry, size, counter)
