@@ -72,8 +72,8 @@ def version_of(info: dict[str, Any]) -> tuple[int, str | None]:
 
 def _open_sized(fs: Any, path: str, info: dict[str, Any]) -> BinaryIO:
     """``fs.open(path, "rb")`` told the size our HEAD (``info``) just gave, when it gave one:
-    fsspec's buffered files would otherwise ask for it again (one more round trip per file,
-    0.1 s at 100 ms)."""
+    fsspec's HTTP files would otherwise ask for it again (class lists: 6 requests instead of 4,
+    0.64 s instead of 0.44 at 100 ms; s3fs answers from its own cache)."""
     if info.get("size") is None:
         return fs.open(path, "rb")
     return fs.open(path, "rb", size=int(info["size"]))
