@@ -183,10 +183,8 @@ def test_an_object_replaced_mid_run_is_transient_not_corrupt(fake_bucket, tmp_pa
             target.writestr(name, data)
     path = zip_url_path(victim)
     out = tmp_path / "out"
-    # The directory read is one GET (the tail holds it), then its HEAD is asked again once the
-    # plan is made (when the directories were read beside the CSV) and its members are read:
-    # from the second GET on, the server has the new zip.
-    with HostileServer(fake_bucket, replace_after={path: (2, replaced.getvalue())}) as server:
+    # The directory read is one GET (the tail holds it); every later GET sees the new zip.
+    with HostileServer(fake_bucket, replace_after={path: (1, replaced.getvalue())}) as server:
         assert main(shard_argv(server.url, out)) == 1
     assert manifest(out) is None
     for record in (out / "_progress").glob("train-*.json"):

@@ -266,16 +266,11 @@ class _CountingDirectoryCache(CentralDirectoryCache):
     def __init__(self, directory: str, stats: CacheStats) -> None:
         super().__init__(directory)
         self._stats = stats
-        # Entries this run fetched and stored itself (locate.DirectoryPrefetch): found again,
-        # they were not taken from the cache, and their bytes are counted where they were read.
-        self.fetched_by_this_run: set[tuple[str, int, str]] = set()
 
     def get(self, url: str, size: int, etag: str) -> tuple[bytes, int, int] | None:
         # The HEAD before this lookup is the fetcher's, and counted among its requests.
         found = super().get(url, size, etag)
-        if (url, size, etag) in self.fetched_by_this_run:
-            pass
-        elif found is None:
+        if found is None:
             self._stats.misses += 1
         else:
             self._stats.hits += 1

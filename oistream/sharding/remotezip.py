@@ -155,25 +155,10 @@ async def read_central_directory(
     if cache is not None and etag is not None:
         cached = cache.get(_cache_url(fs, path), size, etag)
         if cached is not None:
-            try:
+            with contextlib.suppress(CorruptZip):  # a damaged entry is a miss: read afresh
                 return _parse_central_directory(*cached, wanted, path)
-            except CorruptZip:  # a damaged entry is a miss: forget it, read afresh
-                cache.discard(_cache_url(fs, path), size, etag)
-    directory_bytes, entries, concat = await fetch_central_directory(fetcher, fs, path, size, etag)
-    # Parsed (every entry walked and checked) before it is cached: a bad zip is never stored.
-    members = _parse_central_directory(directory_bytes, entries, concat, wanted, path)
-    if cache is not None and etag is not None:
-        cache.put(_cache_url(fs, path), size, etag, directory_bytes, entries, concat)
-    return members
-
-
-async def fetch_central_directory(
-    fetcher: Fetcher, fs: Any, path: str, size: int, etag: str | None
-) -> tuple[bytes, int, int]:
-    """The central directory's bytes, entry count and offset shift (``CentralDirectoryCache``'s
-    record), read as ``read_central_directory`` reads them: end records checked, entries not
-    parsed. Every read pins ``etag``."""
     pin = pinned_etag(etag)
+
     if size < _END_RECORD.size:
         raise CorruptZip(f"{path}: not a zip ({size} bytes)", url=path)
     tail_start = max(0, size - TAIL_BYTES)
@@ -203,7 +188,13 @@ async def fetch_central_directory(
         directory_bytes = head + tail[: cd_end - tail_start]
     else:
         directory_bytes = await _fetch_chunked(fetcher, fs, path, cd_start, cd_size, pin)
-    return directory_bytes, entries, concat
+    del tail
+
+    # Parsed (every entry walked and checked) before it is cached: a bad zip is never stored.
+    members = _parse_central_directory(directory_bytes, entries, concat, wanted, path)
+    if cache is not None and etag is not None:
+        cache.put(_cache_url(fs, path), size, etag, directory_bytes, entries, concat)
+    return members
 
 
 def check_member_bounds(
@@ -659,14 +650,6 @@ class CentralDirectoryCache:
     def _file(self, url: str, size: int, etag: str) -> str:
         digest = hashlib.sha256(f"{url}\0{size}\0{etag}".encode()).hexdigest()
         return os.path.join(self.directory, f"{digest}.cd")
-
-    def has(self, url: str, size: int, etag: str) -> bool:
-        """Whether an entry is stored for this key (not checked: ``get`` checks it)."""
-        return os.path.exists(self._file(url, size, etag))
-
-    def discard(self, url: str, size: int, etag: str) -> None:
-        with contextlib.suppress(OSError):
-            os.remove(self._file(url, size, etag))
 
     def get(self, url: str, size: int, etag: str) -> tuple[bytes, int, int] | None:
         """``(directory bytes, entries, offset shift)`` as stored by ``put``, or None."""

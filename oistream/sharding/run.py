@@ -30,9 +30,9 @@ from oistream import sources
 from oistream.errors import OistreamError, one_line
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
 from oistream.sharding import annotations, catalog, executors
-from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
+from oistream.sharding.cache import MetadataCache, default_cache_dir
 from oistream.sharding.fetch import RetryPolicy
-from oistream.sharding.locate import DirectoryPrefetch, MemberLocations, locate_members
+from oistream.sharding.locate import MemberLocations, locate_members
 from oistream.sharding.options import DEFAULT_CACHE, MAX_LOCAL_PROCESSES, ShardOptions
 from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.remotezip import coalesce
@@ -155,27 +155,13 @@ def _local_processes(options: ShardOptions) -> int:
     if options.executor != "local" or options.dry_run:
         return 0
     processes = options.processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
-    most = _most_images(options)
+    most = options.max_images
+    if options.per_class is not None and not options.expand_hierarchy:
+        by_class = options.per_class * len(options.classes)
+        most = by_class if most is None else min(most, by_class)
     if processes <= 1 or (most is not None and most <= options.samples_per_shard):
         return 0
     return processes
-
-
-def _most_images(options: ShardOptions, wanted_ids: set[str] | None = None) -> int | None:
-    """The most images the selection can take per split, known before the CSV is read; None
-    when it has no limit."""
-    limits = [options.max_images]
-    if options.per_class is not None and not options.expand_hierarchy:
-        limits.append(options.per_class * len(options.classes))
-    if wanted_ids is not None:
-        limits.append(len(wanted_ids))
-    known = [n for n in limits if n is not None]
-    return min(known) if known else None
-
-
-# From this many images on, a plan all but surely needs every zip of its split (an untouched
-# one has odds (15/16)^256 < 1e-7): their directories are then read while the CSV is.
-PREFETCH_MIN_IMAGES = 256
 
 
 def _plan_and_run(
@@ -297,50 +283,17 @@ def _warn(report: RunReport, message: str) -> None:
 
 def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCache) -> _Prepared:
     """Plan one split and run every check that can fail before fetching; write nothing."""
-    before = dataclasses.replace(cache.stats)
-    wanted_ids = None
-    if o.image_ids is not None:
-        wanted_ids = read_image_ids(
-            o.image_ids, sources.storage_options(o.image_ids, o.endpoint_url), o.split
-        )
-    metadata_options = sources.storage_options(o.metadata, o.endpoint_url)
-    prefetch = None
-    most = _most_images(o, wanted_ids)
-    if (
-        cache.zip_directories is not None
-        and (most is None or most >= PREFETCH_MIN_IMAGES)
-        # A finished run's folder: its rerun may well need no zip at all.
-        and not OutputLocation(o.out, sources.storage_options(o.out, o.endpoint_url)).exists(
-            MANIFEST_NAME
-        )
-    ):
-        metadata_read, metadata_read_options = sources.reading_location(
-            o.metadata, metadata_options
-        )
-        prefetch = DirectoryPrefetch(
-            o.split, metadata_read, metadata_read_options, cache.zip_directories, _retry_policy(o)
-        ).start()
-    try:
-        return _plan_split(o, selected, cache, wanted_ids, prefetch, before)
-    finally:
-        if prefetch is not None:
-            prefetch.cancel()  # stops it if planning failed; a finished one is simply joined
-
-
-def _plan_split(
-    o: ShardOptions,
-    selected: list[catalog.OIClass],
-    cache: MetadataCache,
-    wanted_ids: set[str] | None,
-    prefetch: DirectoryPrefetch | None,
-    before: CacheStats,
-) -> _Prepared:
-    """``_prepare`` once the zip directories are being read (``prefetch``, when it was worth
-    it): the CSV, the plan, the checks, the members' places."""
     split, out = o.split, o.out
     images_options = sources.storage_options(o.images, o.endpoint_url)
     metadata_options = sources.storage_options(o.metadata, o.endpoint_url)
     out_options = sources.storage_options(out, o.endpoint_url)
+    before = dataclasses.replace(cache.stats)
+
+    wanted_ids = None
+    if o.image_ids is not None:
+        wanted_ids = read_image_ids(
+            o.image_ids, sources.storage_options(o.image_ids, o.endpoint_url), split
+        )
     csv_url = sources.segmentation_csv_url(o.metadata, split)
     bar = _Bar(o.show_progress, desc=f"read {split} CSV", unit="B", unit_scale=True)
     try:
@@ -401,13 +354,6 @@ def _plan_split(
         metadata_read, metadata_read_options = sources.reading_location(
             o.metadata, metadata_options
         )
-        if prefetch is not None:
-            prefetch.wait()
-            assert cache.zip_directories is not None
-            cache.zip_directories.fetched_by_this_run |= prefetch.keys
-            report.directory_bytes += prefetch.bytes_requested
-            report.bytes_requested += prefetch.bytes_requested
-            report.requests += prefetch.requests
         bar = _Bar(o.show_progress, desc=f"{split} zip directories", unit="zip")
         try:
             located = locate_members(
@@ -417,11 +363,10 @@ def _plan_split(
                 retry=_retry_policy(o),
                 cache=cache.zip_directories,
                 on_directory=lambda total: bar.update(1, total),
-                known_failures=prefetch.failures if prefetch is not None else None,
             )
         finally:
             bar.close()
-        report.directory_bytes += located.bytes_requested
+        report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
         report.requests += located.requests
     after = cache.stats
