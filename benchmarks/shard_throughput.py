@@ -6,7 +6,7 @@ requests in flight. On a 1% and a 20% subset (``--max-images``, classes Person, 
 light, Traffic sign) two commands are timed from start to exit, each in its own process:
 
 * ours: ``python -m oistream shard ... --concurrency N --quiet`` (default concurrency 256 and
-  the default local processes);
+  the default local processes), each run with an empty metadata cache of its own (a first run);
 * the usual method, as FiftyOne, the ``openimages`` package and shared scripts do it: boto3
   (anonymous, path-style, the proxy as endpoint) in a pool of 20 threads; the segmentation CSV
   read whole with pandas and filtered; every touched mask zip downloaded whole to disk (one GET
@@ -149,7 +149,12 @@ def anonymous_environment() -> dict[str, str]:
 
 
 def ours_command(endpoint: str, out: Path, max_images: int, args: argparse.Namespace) -> list[str]:
+    """Our command, with a metadata cache of its own next to ``out``: every run is a first run
+    (the CSV and the directories fetched), as the usual method's always is. With the user's
+    cache the second subset found the first one's CSV and directories there, served by the same
+    proxy port: 91.6 MB and 39 requests it did not make (a rerun's figure, not a first run's)."""
     command = [sys.executable, "-m", "oistream", "shard", "--classes", *_bucket.BENCH_CLASSES]
+    command += ["--cache", str(out.parent / f"{out.name}-metadata-cache")]
     command += ["--split", SPLIT, "--out", str(out), "--max-images", str(max_images)]
     command += ["--images", f"s3://{IMAGES_BUCKET}", "--metadata", f"s3://{METADATA_BUCKET}"]
     command += ["--endpoint-url", endpoint, "--concurrency", str(args.concurrency), "--quiet"]
