@@ -202,6 +202,7 @@ def test_ctrl_c_stops_the_run_and_its_workers_with_one_line(s3, tmp_path):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 130
+    # No worker's traceback either, not even from one still importing when the signal came.
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (
         "oistream shard: interrupted; rerun the same command to resume"
@@ -211,6 +212,22 @@ def test_ctrl_c_stops_the_run_and_its_workers_with_one_line(s3, tmp_path):
         time.sleep(0.1)
     assert not _group_alive(run.pid), "worker processes outlived the interrupted run"
     assert not (out / "manifest.json").exists()
+
+
+def test_shard_workers_are_born_ignoring_ctrl_c() -> None:
+    from oistream.sharding import executors
+
+    before = signal.getsignal(signal.SIGINT)
+    with executors._sigint_ignored():
+        # What a worker spawned now starts with, before any of our code runs in it.
+        child = subprocess.run(
+            [sys.executable, "-c", "import signal as s; print(s.getsignal(s.SIGINT) == s.SIG_IGN)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    assert child.stdout.strip() == "True"
+    assert signal.getsignal(signal.SIGINT) is before  # the parent's own handler is back
 
 
 def _group_alive(group: int) -> bool:

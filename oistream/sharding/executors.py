@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
 
@@ -96,6 +96,19 @@ def _build_in_worker(task: ShardTask, context: JobContext) -> ShardResult:
         _send_progress()
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process meanwhile (only the main thread may change it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _warm_up() -> None:
     """Nothing: unpickling this function in a new worker imports this module and with it the
     shard job's (aiohttp, s3fs, Pillow): ~0.8 s of CPU a worker, paid while the parent plans."""
@@ -124,9 +137,12 @@ class LocalWorkers:
             initializer=_init_worker,
             initargs=(self._progress_queue, os.getpid()),
         )
-        # A pool spawns a worker per submitted task until it has ``processes``: one each.
-        for _ in range(processes):
-            self.pool.submit(_warm_up)
+        # A pool spawns a worker per submitted task until it has ``processes``: one each. They
+        # are born ignoring SIGINT (an ignored signal stays ignored across exec), so Ctrl-C
+        # during their imports, before _init_worker runs, prints no traceback either.
+        with _sigint_ignored():
+            for _ in range(processes):
+                self.pool.submit(_warm_up)
 
     def _drain(self) -> None:
         while not self._stop_draining.is_set():
