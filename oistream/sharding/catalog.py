@@ -419,16 +419,10 @@ class _SelectionBound:
         self.spare_rows = self.spare_after_prune = 0
 
     def offer(
-        self,
-        frame: pd.DataFrame,
-        starts: np.ndarray,
-        stops: np.ndarray,
-        keys: np.ndarray | None = None,
+        self, frame: pd.DataFrame, starts: np.ndarray, stops: np.ndarray, keys: np.ndarray
     ) -> None:
-        """Valid rows of one block in CSV order, with the file offsets of their lines and
-        (when known) their images' order keys."""
-        if keys is None:
-            keys = hash_order_keys(frame["ImageID"].tolist(), self.seed)
+        """Valid rows of one block in CSV order, with the file offsets of their lines and their
+        images' order keys (``_BlockScan`` hashed them to rank the rows before parsing)."""
         if self.image_ids is not None and len(frame):
             wanted = frame["ImageID"].isin(self.image_ids).to_numpy()
             frame, starts, stops, keys = (
@@ -975,9 +969,9 @@ class _ReadAhead:
 
     Reading and parsing the CSV used to take turns: on the shard benchmark's 326k-row CSV, 100 ms
     away, 2.3 s of transfer and ~2 s of parsing one after the other. At most ``depth`` pieces
-    wait (memory: ``depth + 1`` pieces); a failure while reading is raised to the consumer at
-    the piece it would have been; leaving the ``with`` block early stops the thread before the
-    file is closed.
+    wait (memory: those, the one being read and the one being parsed); a failure while reading
+    is raised to the consumer at the piece it would have been; leaving the ``with`` block early
+    stops the thread before the file is closed.
     """
 
     def __init__(self, file: Any, size: int, depth: int = 1) -> None:

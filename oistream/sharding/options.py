@@ -6,6 +6,7 @@ in ``--help`` before anything heavy is loaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,13 @@ DEFAULT_CONCURRENCY = 256
 DEFAULT_SAMPLES_PER_SHARD = 1000
 # More local processes than this buys nothing: each already keeps `concurrency` requests in flight.
 MAX_LOCAL_PROCESSES = 8
+
+
+def local_processes(processes: int | None) -> int:
+    """``--processes`` as given, or the default: one per CPU, at most MAX_LOCAL_PROCESSES."""
+    return processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
+
+
 # Open Images' mask PNGs are tens to hundreds of kB (a 1600 px 8-bit mask is under 2 MB). A
 # member declaring more, or inflating to more, is refused: a zip bomb fails its image, and one
 # member never costs more than this in memory (``--max-mask-bytes``).

@@ -33,7 +33,7 @@ from oistream.sharding import annotations, catalog, executors
 from oistream.sharding.cache import MetadataCache, default_cache_dir
 from oistream.sharding.fetch import RetryPolicy
 from oistream.sharding.locate import MemberLocations, locate_members
-from oistream.sharding.options import DEFAULT_CACHE, MAX_LOCAL_PROCESSES, ShardOptions
+from oistream.sharding.options import DEFAULT_CACHE, ShardOptions, local_processes
 from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.remotezip import coalesce
 from oistream.sharding.selection import read_image_ids
@@ -154,7 +154,7 @@ def _local_processes(options: ShardOptions) -> int:
     process, without a spawn)."""
     if options.executor != "local" or options.dry_run:
         return 0
-    processes = options.processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
+    processes = local_processes(options.processes)
     most = options.max_images
     if options.per_class is not None and not options.expand_hierarchy:
         by_class = options.per_class * len(options.classes)
@@ -637,14 +637,10 @@ def _run_tasks(
         if executor == "dask":  # no per-image progress from the cluster: advance per shard
             on_progress(len(task.spec.samples), outcome.payload_bytes, len(outcome.failures))
 
-    local_processes = processes or min(os.cpu_count() or 1, MAX_LOCAL_PROCESSES)
-    if workers is not None:
-        local_processes = workers.processes
+    local = workers.processes if workers is not None else local_processes(processes)
     try:
         if executor == "local":
-            executors.run_local(
-                tasks, task_count, context, local_processes, on_result, on_progress, workers
-            )
+            executors.run_local(tasks, task_count, context, local, on_result, on_progress, workers)
         elif executor == "dask":
             executors.run_dask(tasks, context, scheduler, on_result)
         else:
@@ -653,7 +649,7 @@ def _run_tasks(
         bar.close()
     if fetch_seconds > 0:
         # Shards built side by side each report their own mean; their sum is the run's mean.
-        side_by_side = 1 if executor == "dask" else max(1, min(local_processes, task_count))
+        side_by_side = 1 if executor == "dask" else max(1, min(local, task_count))
         report.mean_in_flight = in_flight_weighted / fetch_seconds * side_by_side
 
 
