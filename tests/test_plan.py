@@ -288,12 +288,14 @@ def test_bounded_catalog_gives_the_plan_of_the_whole_table(
         lines[5::11] = [line[:-1] + "2" for line in lines[5::11]]
         lines[7::13] = [line.partition(",")[2] for line in lines[7::13]]
     shape_errors = sum(line.count(",") != 9 for line in lines)
-    path = Path(tempfile.mkdtemp()) / "seg.csv"
-    path.write_text("\n".join([HEADER, *lines, ""]))
     selection = {"per_class": per_class, "max_images": max_images, "seed": seed}
-    # Pruning often (slack 0) moves rows out and back in; rarely, keeps them until the end.
-    with mock.patch.object(catalog._SelectionBound, "_PRUNE_SLACK", prune_slack):
-        _plans_agree(path, [PERSON, CAR, TRAFFIC_SIGN], chunksize, shape_errors, **selection)
+    # A folder per example (hypothesis runs many within one test), removed with it.
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "seg.csv"
+        path.write_text("\n".join([HEADER, *lines, ""]))
+        # Pruning often (slack 0) moves rows out and back in; rarely, keeps them until the end.
+        with mock.patch.object(catalog._SelectionBound, "_PRUNE_SLACK", prune_slack):
+            _plans_agree(path, [PERSON, CAR, TRAFFIC_SIGN], chunksize, shape_errors, **selection)
 
 
 @pytest.mark.parametrize("junk", [[], ["x" * 20_000], ["y," * 9_000, "z" * 9_000]])

@@ -35,7 +35,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for sample in samples[:3]:
         (root / "jpegs" / f"{sample.key}.jpg").write_bytes(encode_jpeg(sample.image))
     (root / "jpegs" / "notes.txt").write_text("not an image")
-    layout = layout_for("v1", "none", None, "mobilenet_v3_large")
+    layout = layout_for("v1", "none", None, "mobilenet_v3_large", channels=64)
     torch.manual_seed(0)
     model = build_model(layout, 2, min_size=64, max_size=64)
     state = {

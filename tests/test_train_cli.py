@@ -23,7 +23,8 @@ from train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = [
-    "--model", "v2", "--weights", "none", "--min-size", "64", "--max-size", "96",
+    "--model", "v2", "--backbone", "mobilenet_v3_large", "--channels", "64", "--weights", "none",
+    "--min-size", "64", "--max-size", "96",
     "--rpn-samples", "64", "--roi-samples", "8", "--detections-per-image", "20",
     "--batch-size", "2", "--workers", "1", "--lr", "0.01", "--warmup-steps", "2",
     "--clip-grad", "10", "--no-progress", "--amp", "off",
@@ -107,11 +108,11 @@ def test_a_run_trains_evaluates_draws_and_checkpoints(shards: dict, tmp_path: Pa
     assert state["layout"] == {
         "variant": "v2",
         "pretrained": False,
-        "trainable_backbone_layers": 5,
-        "backbone": "resnet50",
+        "trainable_backbone_layers": 6,
+        "backbone": "mobilenet_v3_large",
         "weights": "none",
         "anchor_sizes": (32, 64, 128, 256, 512),
-        "channels": 256,
+        "channels": 64,
     }
 
 

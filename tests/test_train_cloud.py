@@ -25,7 +25,8 @@ from train.errors import one_line
 from train.rundir import RunDir
 
 CHEAP = [
-    "--model", "v2", "--weights", "none", "--min-size", "48", "--max-size", "64",
+    "--model", "v2", "--backbone", "mobilenet_v3_large", "--channels", "64", "--weights", "none",
+    "--min-size", "48", "--max-size", "64",
     "--rpn-samples", "64", "--roi-samples", "8", "--detections-per-image", "20",
     "--batch-size", "2", "--lr", "0.01", "--warmup-steps", "2",
     "--clip-grad", "10", "--no-progress", "--amp", "off", "--log-every", "1",

@@ -33,13 +33,15 @@ def test_two_gloo_ranks_on_uneven_shards_finish(tmp_path: Path) -> None:
         "-m", "train",
         "--train", str(tmp_path / "train" / "{train-000000,extra-train-00000{0,1}}.tar"),
         "--val", str(tmp_path / "val"), "--out", str(out),
-        "--model", "v1", "--weights", "none", "--min-size", "64", "--max-size", "96",
+        "--model", "v1", "--backbone", "mobilenet_v3_large", "--channels", "64",
+        "--weights", "none", "--min-size", "64", "--max-size", "96",
         "--rpn-samples", "32", "--roi-samples", "8", "--detections-per-image", "10",
         "--batch-size", "1", "--workers", "1", "--epochs", "1", "--steps-per-epoch", "3",
         "--lr", "0.005", "--warmup-steps", "2", "--clip-grad", "10", "--log-every", "1",
         "--device", "cpu", "--no-progress", "--num-predictions", "1",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # torchrun leaves a torchelastic_* log folder in the temporary directory: keep it in ours.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -76,7 +78,8 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path: Path) -> None
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "train", "--train", str(tmp_path / "train"), "--out", str(out),
-        "--model", "v1", "--weights", "none", "--min-size", "64", "--max-size", "96",
+        "--model", "v1", "--backbone", "mobilenet_v3_large", "--channels", "64",
+        "--weights", "none", "--min-size", "64", "--max-size", "96",
         "--rpn-samples", "32", "--roi-samples", "8", "--detections-per-image", "10",
         "--batch-size", "1", "--workers", "1", "--epochs", "1", "--steps-per-epoch", "500",
         "--lr", "0.005", "--warmup-steps", "2", "--clip-grad", "10", "--log-every", "1",

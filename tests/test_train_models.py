@@ -207,7 +207,7 @@ def test_weights_path_takes_the_architecture_from_the_checkpoint(tmp_path: Path)
     nothing (the default backbone is resnet50)."""
     root = tmp_path / "shards"
     write_shards(root, random_samples(4, seed=1, size=(64, 64), num_classes=2), num_classes=2)
-    layout = layout_for("v1", "none", None, "mobilenet_v3_large")
+    layout = layout_for("v1", "none", None, "mobilenet_v3_large", channels=64)
     torch.manual_seed(0)
     model = build_model(layout, 2, **TINY)
     start = ckpt.save_checkpoint(checkpoint_of(model, layout), tmp_path / "start.pt")
