@@ -107,6 +107,13 @@ def test_a_run_on_s3_leaves_everything_in_the_bucket_and_nothing_local(
     assert list(workdir.iterdir()) == [] and list(scratch.iterdir()) == []
     assert len(list(cache.glob("*.tar"))) == 4
 
+    # A run that starts from that checkpoint by URL downloads it and removes the download.
+    again = ["--train", train, "--out", f"{bucket}/runs/two", "--endpoint-url", s3.endpoint_url]
+    again += ["--shard-cache", str(cache), "--weights", where]
+    # (after CHEAP, whose --weights none it overrides)
+    assert main([*CHEAP, *again, "--workers", "0", "--epochs", "1", "--steps-per-epoch", "1"]) == 0
+    assert list(workdir.iterdir()) == [] and list(scratch.iterdir()) == []
+
 
 # -- SIGTERM mid-epoch, then --resume auto ----------------------------------------------------
 

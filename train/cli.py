@@ -157,7 +157,7 @@ def _run(
     init_path, init = (None, None)
     if resume is None and args.weights not in ("coco", "imagenet", "none"):
         init_path = args.weights
-        init = ckpt.load_checkpoint(_local_weights(args.weights, args.endpoint_url))
+        init = _read_checkpoint(args.weights, args.endpoint_url)
         ckpt.check_classes(init, classes, init_path)
     layout = _layout(args, resume or init, resume_path or init_path)
     model = build_model(
@@ -299,11 +299,11 @@ def _resume_state(
         if found is None:
             return None, None  # nothing to continue: start afresh
         _, where, path = found
+        state = ckpt.load_checkpoint(path)
+        if out.remote:
+            path.unlink(missing_ok=True)  # the staged download; the state is in memory
     else:
-        where, path = args.resume, _local_weights(args.resume, args.endpoint_url)
-    state = ckpt.load_checkpoint(path)
-    if args.resume == "auto" and out.remote:
-        path.unlink(missing_ok=True)  # the staged download; the state is in memory
+        where, state = args.resume, _read_checkpoint(args.resume, args.endpoint_url)
     ckpt.check_classes(state, classes, where)
     for key in ("model", "optimizer", "scheduler", "step", "rng", "layout"):
         if key not in state:
@@ -311,17 +311,21 @@ def _resume_state(
     return where, state
 
 
-def _local_weights(location: str, endpoint_url: str | None) -> Path:
-    """A checkpoint given by path or URL, as a local file (downloaded to a temporary one)."""
+def _read_checkpoint(location: str, endpoint_url: str | None) -> dict[str, Any]:
+    """A checkpoint given by path or URL, read into memory; a URL's bytes go through a
+    temporary file that is removed once read (a checkpoint is hundreds of MB)."""
     if "://" not in location or location.startswith("file://"):
-        return Path(location.removeprefix("file://"))
+        return ckpt.load_checkpoint(location.removeprefix("file://"))
     import tempfile
 
     fs, path = sources.filesystem(location, sources.storage_options(location, endpoint_url))
     handle, local = tempfile.mkstemp(suffix=".pt", prefix="oistream-weights-")
     os.close(handle)
-    fs.get_file(path, local)
-    return Path(local)
+    try:
+        fs.get_file(path, local)
+        return ckpt.load_checkpoint(local)
+    finally:
+        os.unlink(local)
 
 
 def _seek_loader(
