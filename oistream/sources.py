@@ -119,6 +119,30 @@ def filesystem(
     return fs, fs._strip_protocol(url)
 
 
+def with_read_timeout(url: str, options: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """``options`` with an inactivity time-out on every connection and read of ``url``: a server
+    that stops sending mid-body fails the read after ``seconds`` (one line; a rerun resumes)
+    instead of after aiohttp's 5 minutes per request or botocore's 60 s per read, retried.
+
+    For the parent's whole-file reads (class lists, CSVs). Options that travel to the shard
+    workers stay without it: their fetcher times out on its own, and client options there would
+    turn the lean HTTP client off.
+    """
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
+        return {
+            **options,
+            "client_kwargs": {**options.get("client_kwargs", {}), "timeout": timeout},
+        }
+    if protocol in ("s3", "s3a"):
+        config = {**options.get("config_kwargs", {}), "connect_timeout": seconds}
+        return {**options, "config_kwargs": {**config, "read_timeout": seconds}}
+    return options
+
+
 async def http_client(**kwargs: Any) -> Any:
     """An aiohttp session without aiohttp's default cap of 100 connections per session."""
     import aiohttp

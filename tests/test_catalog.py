@@ -487,8 +487,15 @@ def test_scan_agrees_with_a_plain_reading(
 # --- through the local S3 endpoint ---------------------------------------------------------------
 
 
-def test_classes_and_rows_read_through_s3_match_the_local_files(s3, fake_bucket: Path) -> None:
+@pytest.mark.parametrize("read_timeout", [None, 5.0])
+def test_classes_and_rows_read_through_s3_match_the_local_files(
+    s3, fake_bucket: Path, read_timeout: float | None
+) -> None:
     options = s3.storage_options()
+    if read_timeout is not None:  # as the shard command's parent reads: botocore time-outs added
+        options = sources.with_read_timeout(s3.metadata_url, options, read_timeout)
+        assert options["config_kwargs"]["read_timeout"] == read_timeout
+        assert options["config_kwargs"].items() >= s3.storage_options()["config_kwargs"].items()
     classes = load_classes(s3.metadata_url, options)
     assert classes == load_classes(str(fake_bucket / "openimages"))
     wanted = resolve_classes(["Person", "Car", "Traffic light", "Traffic sign"], classes)

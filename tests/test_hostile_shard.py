@@ -7,6 +7,7 @@ an address-space limit so that a regression fails fast instead of swapping.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import socket
@@ -151,6 +152,25 @@ def test_a_misbehaving_zip_server_leaves_shards_for_a_rerun(
     with HostileServer(fake_bucket) as server:
         assert main(shard_argv(server.url, out)) == 0
     assert manifest(out)["totals"] == clean["manifest"]["totals"]
+
+
+@pytest.mark.timeout(120)  # the server stalls for 600 s: a run that waits on it fails here
+@pytest.mark.parametrize(
+    "path",
+    ["/openimages/v5/train-annotations-object-segmentation.csv", "/openimages/v5/*classes*"],
+)
+def test_a_stalled_metadata_server_ends_the_run_in_one_line(fake_bucket, tmp_path, path, capsys):
+    """The CSV or class list stops mid-body: ``--read-timeout`` ends the run, not a hang."""
+    out = tmp_path / "out"
+    options = ["--read-timeout", "0.5", "--no-cache"]
+    with HostileServer(fake_bucket, misbehave={path: "stall"}) as server:
+        assert main(shard_argv(server.url, out, *options)) == 1
+        stalled = [e for e in server.stats.log if fnmatch.fnmatchcase(e[1], path)]
+    assert stalled  # the stalled file was asked for
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error
+    assert "cannot read" in error and "rerun" in error, error
+    assert not out.exists() or not list(out.glob("*.tar"))
 
 
 def test_range_ignored_on_a_big_zip_is_abandoned_after_the_headers(fake_bucket, tmp_path, victim):

@@ -547,7 +547,7 @@ def _read_spans(url: str, options: dict | None, starts: np.ndarray, stops: np.nd
     try:
         fs, path = sources.filesystem(url, options)
     except Exception as error:
-        raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
+        raise cannot_read(url, error) from error
     batch_start = 0
     while batch_start < len(first):  # a few MiB per batch of ranges: memory stays bounded
         sizes = np.cumsum(np.subtract(range_stops[batch_start:], range_starts[batch_start:]))
@@ -561,7 +561,7 @@ def _read_spans(url: str, options: dict | None, starts: np.ndarray, stops: np.nd
                 on_error="raise",
             )
         except Exception as error:
-            raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
+            raise cannot_read(url, error) from error
         for r, blob in zip(batch, blobs, strict=True):
             lo, hi = range_starts[r], range_stops[r]
             if not isinstance(blob, bytes) or len(blob) != hi - lo:  # a server that ignored Range
@@ -915,11 +915,23 @@ def _read_text(
         # Anonymous S3 answers 403, not 404, for a key that does not exist.
         if missing_ok:
             raise _Missing(url) from error
-        reason = "not found" if isinstance(error, FileNotFoundError) else one_line(error)
-        raise OistreamError(f"cannot read {url}: {reason}") from None
+        raise cannot_read(url, error) from None
     except Exception as error:  # any failure of the storage layer is the user's to fix
-        raise OistreamError(f"cannot read {url}: {one_line(error)}") from error
+        raise cannot_read(url, error) from error
     return data.decode("utf-8", errors="replace").lstrip("\ufeff")
+
+
+def cannot_read(url: str, error: BaseException) -> OistreamError:
+    """The one line for a metadata file the storage layer failed to hand over. A time-out
+    (``--read-timeout`` passed with no byte, or a connection that never opened) is transient:
+    the line says so, where fsspec's FSTimeoutError carries no message at all."""
+    if isinstance(error, FileNotFoundError):
+        reason = "not found"
+    elif isinstance(error, TimeoutError):
+        reason = "timed out (the server stopped sending); rerun the same command"
+    else:
+        reason = one_line(error)
+    return OistreamError(f"cannot read {url}: {reason}")
 
 
 class _Missing(Exception):
@@ -938,9 +950,7 @@ def _read_line_blocks(
     """
 
     def fail(error: Exception) -> OistreamError:
-        if isinstance(error, FileNotFoundError):
-            return OistreamError(f"cannot read {url}: not found")
-        return OistreamError(f"cannot read {url}: {one_line(error)}")
+        return cannot_read(url, error)
 
     try:
         if opener is not None:

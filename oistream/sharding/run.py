@@ -172,14 +172,18 @@ def _plan_and_run(
 ) -> list[RunReport]:
     """``run_splits`` once its arguments are checked and its workers (if any) are starting."""
     cache = MetadataCache(_usable_cache_dir(options.cache))
-    metadata_options = sources.storage_options(options.metadata, options.endpoint_url)
+    whole_file_options = sources.with_read_timeout(
+        options.metadata,
+        sources.storage_options(options.metadata, options.endpoint_url),
+        options.read_timeout,
+    )
     known = catalog.load_classes(
-        options.metadata, metadata_options, cat=lambda url: cache.cat(url, metadata_options)
+        options.metadata, whole_file_options, cat=lambda url: cache.cat(url, whole_file_options)
     )
     queries = list(options.classes)
     if options.expand_hierarchy:
         queries = annotations.expanded_queries(
-            queries, known, options.metadata, metadata_options, cache
+            queries, known, options.metadata, whole_file_options, cache
         )
     selected = catalog.resolve_classes(queries, known)
     class_stats = dataclasses.replace(cache.stats)
@@ -286,13 +290,16 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
     split, out = o.split, o.out
     images_options = sources.storage_options(o.images, o.endpoint_url)
     metadata_options = sources.storage_options(o.metadata, o.endpoint_url)
+    # What this process reads whole (CSVs, class lists) gives up on a stalled server.
+    whole_file_options = sources.with_read_timeout(o.metadata, metadata_options, o.read_timeout)
     out_options = sources.storage_options(out, o.endpoint_url)
     before = dataclasses.replace(cache.stats)
 
     wanted_ids = None
     if o.image_ids is not None:
+        ids_options = sources.storage_options(o.image_ids, o.endpoint_url)
         wanted_ids = read_image_ids(
-            o.image_ids, sources.storage_options(o.image_ids, o.endpoint_url), split
+            o.image_ids, sources.with_read_timeout(o.image_ids, ids_options, o.read_timeout), split
         )
     csv_url = sources.segmentation_csv_url(o.metadata, split)
     bar = _Bar(o.show_progress, desc=f"read {split} CSV", unit="B", unit_scale=True)
@@ -300,8 +307,8 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
         table = catalog.read_segmentations(
             csv_url,
             [c.mid for c in selected],
-            metadata_options,
-            opener=lambda: cache.open(csv_url, metadata_options, progress=bar.update),
+            whole_file_options,
+            opener=lambda: cache.open(csv_url, whole_file_options, progress=bar.update),
             # Only the rows of images this selection can take are kept: memory follows it.
             selection=catalog.Selection(o.per_class, o.max_images, o.seed, wanted_ids),
         )
@@ -333,7 +340,7 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
         if count == 0:
             _warn(report, f"no {split} images carry {oi_class.name} ({oi_class.mid})")
     annotations.annotate_plan(
-        plan, table, o.metadata, o.evaluation_annotations, metadata_options, cache
+        plan, table, o.metadata, o.evaluation_annotations, whole_file_options, cache
     )
 
     location = OutputLocation(out, out_options)
