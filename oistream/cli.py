@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--read-timeout",
         type=_positive_float,
         default=defaults.read_timeout,
-        help="seconds without a byte before a request is retried "
-        f"(default: {defaults.read_timeout:g})",
+        help="seconds without a byte before a request is retried (a class list or CSV: "
+        f"the run stops, for a rerun) (default: {defaults.read_timeout:g})",
     )
     shard.add_argument(
         "--attempt-timeout",
