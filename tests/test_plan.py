@@ -371,3 +371,44 @@ def test_bounded_catalog_ranks_only_the_images_listed(tmp_path: Path) -> None:
     plan = make_plan(bounded, [PERSON, CAR], "train", per_class=4, seed=2)
     assert plan.num_samples >= 4 and set(plan.image_ids()) <= listed
     assert (plan.shard_ids, plan.plan_hash) == (expected.shard_ids, expected.plan_hash)
+
+
+def test_a_row_left_unparsed_and_wanted_later_is_checked_when_read_again(tmp_path: Path) -> None:
+    """Person's threshold falls first; X's Person row ranks past it and is left unparsed. X's
+    Car row then makes Car take X, so the Person row is read again: bad there, it is counted
+    as malformed (not taken for a file that changed), and the plan is the whole table's."""
+    ids = [f"{n:016x}" for n in range(1, 400)]
+    by_key = sorted(ids, key=lambda i: hash_order_key(i, 0))
+    best, x, worse = by_key[0], by_key[10], by_key[20]
+    bad_person_row = _csv_line(x, PERSON.mid, 1)[:-1] + "2"  # a click flag of 2
+    # Rows of a class not asked for fill the first read (8 kB), so X's row is in a later block.
+    filler = [_csv_line(f"{n:016x}", "/m/0unasked", n) for n in range(1000, 1100)]
+    lines = [
+        _csv_line(best, PERSON.mid, 0),
+        *filler,
+        bad_person_row,
+        _csv_line(worse, CAR.mid, 2),
+        _csv_line(x, CAR.mid, 3),
+    ]
+    path = tmp_path / "seg.csv"
+    path.write_text("\n".join([HEADER, *lines, ""]))
+    deferred: list[int] = []
+    defer = catalog._SelectionBound.defer
+
+    def counting_defer(self, starts, stops, keys) -> None:  # type: ignore[no-untyped-def]
+        deferred.append(len(keys))
+        defer(self, starts, stops, keys)
+
+    with mock.patch.object(catalog._SelectionBound, "defer", counting_defer):
+        # chunksize 1: a block per line after the first read, so Person is full before X's
+        # Person row is scanned.
+        bounded = read_segmentations(str(path), [PERSON.mid, CAR.mid], chunksize=1,
+                                     selection=Selection(per_class=1))  # fmt: skip
+    assert sum(deferred) == 1
+    whole = read_segmentations(str(path), [PERSON.mid, CAR.mid], chunksize=1)
+    assert bounded.malformed == whole.malformed == 1
+    assert bounded.malformed_examples[0].startswith("at byte ")
+    assert "Clicks" in bounded.malformed_examples[0]
+    plan = make_plan(bounded, [PERSON, CAR], "train", per_class=1)
+    assert plan.image_ids() == make_plan(whole, [PERSON, CAR], "train", per_class=1).image_ids()
+    assert set(plan.image_ids()) == {best, x}

@@ -23,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -268,9 +268,9 @@ def read_segmentations(
     With a ``selection`` that limits the images, only the rows of images the plan may take are
     kept (all their rows of the selected classes, so the plan is the one the whole table gives);
     memory then follows the selection, not how common its classes are. So does the work: a
-    row's values are parsed and checked only while its image can still be selected, so
-    ``malformed`` counts bad identifiers and values among those rows (bad field counts among
-    all rows).
+    row's values are parsed and checked only while its own class can still take its image, or
+    once the selection has taken it, so ``malformed`` counts bad identifiers and values among
+    those rows (bad field counts among all rows).
     """
     mids = frozenset(mids)
     bound = None
@@ -281,8 +281,11 @@ def read_segmentations(
     with contextlib.closing(blocks):
         table = _filter_rows(csv_url, blocks, mids, bound)
     if bound is not None:
+        rows, malformed, examples = _bounded_rows(csv_url, options, mids, bound)
+        table.malformed += malformed
+        table.malformed_examples += examples[: _MAX_EXAMPLES - len(table.malformed_examples)]
         # Repeats share their image, so they change no selection; counted among these rows only.
-        table.rows, table.duplicates = _drop_repeats(_bounded_rows(csv_url, options, mids, bound))
+        table.rows, table.duplicates = _drop_repeats(rows)
     return table
 
 
@@ -305,11 +308,18 @@ def _filter_rows(
     for offset, block in blocks:  # offset: of the block in the file, to read lines again
         lines = _Lines(block)
         total_rows += lines.rows
-        frame, kept_lines, keys, block_malformed, rejected = scan(lines, bound)
-        malformed += block_malformed
+        scanned = scan(lines, bound)
+        frame, kept_lines, rejected = scanned.frame, scanned.lines, scanned.rejected
+        malformed += scanned.malformed
         if bound is not None:
             starts, stops = offset + lines.starts[kept_lines], offset + lines.ends[kept_lines]
-            bound.offer(frame, starts, stops, keys)
+            bound.offer(frame, starts, stops, scanned.keys)
+            deferred = scanned.deferred_lines
+            bound.defer(
+                offset + lines.starts[deferred],
+                offset + lines.ends[deferred],
+                scanned.deferred_keys,
+            )
         elif len(frame):
             frames.append(frame)
         for line, reason in sorted(rejected)[: _MAX_EXAMPLES - len(examples)]:
@@ -337,6 +347,18 @@ def _drop_repeats(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     return rows, int(repeated.sum())
 
 
+class _Scanned(NamedTuple):
+    """What ``_BlockScan`` makes of one block of lines."""
+
+    frame: pd.DataFrame  # valid rows of the selected classes
+    lines: np.ndarray  # their line numbers in the block
+    keys: np.ndarray | None  # their images' order keys (with a bound)
+    malformed: int
+    rejected: list[tuple[int, str]]  # (line, reason), the first few
+    deferred_lines: np.ndarray  # with a bound: lines left unparsed (see __call__)
+    deferred_keys: np.ndarray
+
+
 class _BlockScan:
     """Field counts, selection by label and validation of one block of lines."""
 
@@ -347,9 +369,7 @@ class _BlockScan:
             sorted(m.encode() for m in selected), dtype=f"S{self.label_width}"
         )
 
-    def __call__(
-        self, lines: _Lines, bound: _SelectionBound | None = None
-    ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None, int, list[tuple[int, str]]]:
+    def __call__(self, lines: _Lines, bound: _SelectionBound | None = None) -> _Scanned:
         """Valid rows of the selected classes, their line numbers, their images' order keys
         (with a ``bound``, else None), malformed count and reasons.
 
@@ -357,21 +377,30 @@ class _BlockScan:
         but their field count is checked: no selection can take them (the ceiling only falls),
         so the work follows the selection. The key is hashed from the ImageID's bytes as they
         stand; a row that ranks is then checked whole, one that does not is never counted as
-        malformed. On a 2.69M-row CSV whose selected classes hold half the rows, --per-class
-        1000: 19.9 s of CPU with every candidate row parsed, 10.0 s with values skipped, 7.5 s
-        with identifiers skipped as well.
+        malformed. Of the rows that rank, those past their own class's threshold are only
+        placed (``_SelectionBound.defer``) and checked if read again. On a 2.69M-row CSV whose
+        selected classes hold half the rows, --per-class 1000: 19.9 s of CPU with every
+        candidate row parsed, 10.0 s with values skipped, 7.5 s with identifiers skipped as
+        well, 7.4-8.0 s (against 8.1-8.9 s in the same hour) with rows deferred.
         """
         wrong = lines.wrong_shape()
         malformed = len(wrong)
         rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
         candidates, labels = lines.select(self.wanted_labels, self.label_width)
         keys = None
+        deferred_lines, deferred_keys = candidates[:0], np.zeros(0, dtype=np.uint64)
         if bound is not None:
             image_ids = np.ascontiguousarray(lines.fixed_width(candidates, 1, 16)[0])
             keys = _hash_keys_of_rows(image_ids.view("S16").ravel(), bound.seed)
             ceiling = bound.ceiling()
             rankable = keys <= ceiling if ceiling is not None else np.zeros(len(keys), bool)
             candidates, labels, keys = candidates[rankable], labels[rankable], keys[rankable]
+            # A row past its own class's threshold is wanted only if another class takes its
+            # image: its place is kept unparsed, and read again at the end if that happens.
+            # Person's threshold falls far faster than a rare class's, which sets the ceiling.
+            parse = bound.may_take(labels, keys)
+            deferred_lines, deferred_keys = candidates[~parse], keys[~parse]
+            candidates, labels, keys = candidates[parse], labels[parse], keys[parse]
         checks = _identifier_checks(lines, candidates, labels) + _size_checks(lines, candidates)
         invalid, why = _rejections(candidates, checks)
         malformed += int(invalid.sum())
@@ -379,13 +408,23 @@ class _BlockScan:
         candidates = candidates[~invalid]
         keys = keys[~invalid] if keys is not None else None
         if not len(candidates):
-            return _empty_rows(), candidates, keys, malformed, rejected
+            return _Scanned(
+                _empty_rows(), candidates, keys, malformed, rejected, deferred_lines, deferred_keys
+            )
         frame, checks = _parse_and_check_values(lines, candidates)
         invalid, why = _rejections(candidates, checks)
         malformed += int(invalid.sum())
         rejected += why
         keys = keys[~invalid] if keys is not None else None
-        return frame.loc[~invalid], candidates[~invalid], keys, malformed, rejected
+        return _Scanned(
+            frame.loc[~invalid],
+            candidates[~invalid],
+            keys,
+            malformed,
+            rejected,
+            deferred_lines,
+            deferred_keys,
+        )
 
 
 class _SelectionBound:
@@ -395,9 +434,9 @@ class _SelectionBound:
     best-ranked images seen so far; N smallest of a stream, so a class's threshold only falls.
     A row is kept while its image is among the best of some class. A row whose image is not (yet)
     may still be needed: a later row can show the image carries another class that ranks it in
-    its N. Such rows cost 24 bytes each (key and the line's place in the file) instead of a row,
-    and the few that turn out needed are read again at the end. A row ranked past every class's
-    threshold can never be needed and is forgotten.
+    its N. Such rows cost 32 bytes each (key, the line's place in the file, whether the line was
+    checked) instead of a row, and the few that turn out needed are read again at the end. A
+    row ranked past every class's threshold can never be needed and is forgotten.
     """
 
     # Helper columns, dropped before the table is used: the image's key, its line's place.
@@ -415,7 +454,9 @@ class _SelectionBound:
         self.best: dict[str, np.ndarray] = {}
         self.kept: list[pd.DataFrame] = []
         self.kept_rows = self.rows_after_prune = 0
-        self.spare: list[np.ndarray] = []  # (key, start, stop) of lines not kept, as uint64 rows
+        # (key, start, stop, checked) of lines not kept, as uint64 rows; checked is 0 for lines
+        # deferred unparsed (``defer``), 1 for lines that were valid rows.
+        self.spare: list[np.ndarray] = []
         self.spare_rows = self.spare_after_prune = 0
 
     def offer(
@@ -445,23 +486,36 @@ class _SelectionBound:
         frame = frame.assign(**place)
         self.kept.append(frame.loc[inside])
         self.kept_rows += int(inside.sum())
-        # Column by column: stacking uint64 keys with int64 offsets would promote to float64.
-        spare = np.empty((int((~inside).sum()), 3), dtype=np.uint64)
-        for column, values in enumerate((keys, starts, stops)):
-            spare[:, column] = values[~inside]
-        self._keep_spare(spare)
+        self._keep_spare(_places(keys[~inside], starts[~inside], stops[~inside], checked=True))
         if self.kept_rows > 2 * self.rows_after_prune + self._PRUNE_SLACK:
             self._prune_kept(chosen)
         if self.spare_rows > 2 * self.spare_after_prune + self._PRUNE_SLACK:
             self._prune_spare()
 
+    def defer(self, starts: np.ndarray, stops: np.ndarray, keys: np.ndarray) -> None:
+        """Lines of one block left unparsed (``may_take`` said no): kept as places only."""
+        self._keep_spare(_places(keys, starts, stops, checked=False))
+
+    def may_take(self, labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Per row (its label as fixed-width bytes, its key): whether its own class can still
+        rank its image, or another class has already taken it."""
+        names = np.array([g.encode() for g in self.groups], dtype=labels.dtype)
+        order = np.argsort(names)
+        thresholds = np.array([self._threshold(g) for g in self.groups], dtype=np.uint64)
+        if self.per_class:
+            own = thresholds[order][np.searchsorted(names[order], labels)]
+        else:
+            own = np.full(len(keys), thresholds[0], dtype=np.uint64)
+        return (keys <= own) | np.isin(keys, self._chosen())
+
     def finish(self) -> tuple[pd.DataFrame, np.ndarray]:
-        """The kept rows of the chosen images, and the (start, stop) of lines to read again."""
+        """The kept rows of the chosen images, and the places (key, start, stop, checked) of
+        lines to read again."""
         chosen = self._chosen()
         kept = pd.concat(self.kept, ignore_index=True) if self.kept else None
         if kept is not None:
             kept = kept.loc[np.isin(kept[self._KEY].to_numpy(), chosen)].drop(columns=self._STOP)
-        spare = np.concatenate(self.spare) if self.spare else np.zeros((0, 3), dtype=np.uint64)
+        spare = np.concatenate(self.spare) if self.spare else np.zeros((0, 4), dtype=np.uint64)
         needed = spare[np.isin(spare[:, 0], chosen)]
         return kept, needed
 
@@ -474,6 +528,13 @@ class _SelectionBound:
         merged = np.union1d(best, keys) if best is not None else np.unique(keys)
         self.best[group] = merged[: self.limit]
 
+    def _threshold(self, group: str) -> np.uint64:
+        """The worst key ``group`` still takes: its N-th best, or any while it has fewer."""
+        best = self.best.get(group)
+        if best is None or len(best) < self.limit:
+            return np.uint64(np.iinfo(np.uint64).max)
+        return best[-1]
+
     def _chosen(self) -> np.ndarray:
         return np.unique(np.concatenate([np.zeros(0, dtype=np.uint64), *self.best.values()]))
 
@@ -481,10 +542,7 @@ class _SelectionBound:
         """Past this key no image can be selected any more; None: none can be at all."""
         if self.limit == 0:
             return None
-        full = [self.best.get(g) for g in self.groups]
-        if any(b is None or len(b) < self.limit for b in full):
-            return np.uint64(np.iinfo(np.uint64).max)
-        return max(b[-1] for b in full)
+        return max(self._threshold(g) for g in self.groups)
 
     def _keep_spare(self, spare: np.ndarray) -> None:
         ceiling = self.ceiling()
@@ -498,8 +556,15 @@ class _SelectionBound:
     def _prune_kept(self, chosen: np.ndarray) -> None:
         kept = pd.concat(self.kept, ignore_index=True)
         inside = np.isin(kept[self._KEY].to_numpy(), chosen)
-        left = kept.loc[~inside, [self._KEY, self._START, self._STOP]].to_numpy(dtype=np.uint64)
-        self._keep_spare(left)
+        left = kept.loc[~inside]
+        self._keep_spare(
+            _places(
+                left[self._KEY].to_numpy(),
+                left[self._START].to_numpy(),
+                left[self._STOP].to_numpy(),
+                checked=True,
+            )
+        )
         self.kept = [kept.loc[inside]]
         self.kept_rows = self.rows_after_prune = len(self.kept[0])
 
@@ -510,27 +575,44 @@ class _SelectionBound:
         self.spare_rows = self.spare_after_prune = sum(len(x) for x in self.spare)
 
 
+def _places(keys: np.ndarray, starts: np.ndarray, stops: np.ndarray, checked: bool) -> np.ndarray:
+    """Rows ``(key, start, stop, checked)`` as uint64, column by column: stacking uint64 keys
+    with int64 offsets would promote to float64."""
+    places = np.empty((len(keys), 4), dtype=np.uint64)
+    for column, values in enumerate((keys, starts, stops)):
+        places[:, column] = values
+    places[:, 3] = checked
+    return places
+
+
 def _bounded_rows(
     csv_url: str, options: dict | None, selected: frozenset[str], bound: _SelectionBound
-) -> pd.DataFrame:
-    """The chosen images' rows in CSV order: those kept, and those read again from the file."""
+) -> tuple[pd.DataFrame, int, list[str]]:
+    """The chosen images' rows in CSV order: those kept, and those read again from the file;
+    with the malformed rows found among the lines read again that had been left unchecked."""
     kept, needed = bound.finish()
     parts = [] if kept is None else [kept]
+    malformed, examples = 0, []
     if len(needed):
         starts, stops = needed[:, 1].astype(np.int64), needed[:, 2].astype(np.int64)
-        frame, _, _, malformed, _ = _BlockScan(selected)(
-            _Lines(_read_spans(csv_url, options, starts, stops))
-        )
+        scanned = _BlockScan(selected)(_Lines(_read_spans(csv_url, options, starts, stops)))
+        frame, valid = scanned.frame, scanned.lines
         keys = hash_order_keys(frame["ImageID"].tolist(), bound.seed)
-        # The same bytes were valid on the first pass; anything else means the file changed.
-        if malformed or len(frame) != len(needed) or not np.array_equal(keys, needed[:, 0]):
+        # A line checked on the first pass is valid again, a deferred one may not be; its key
+        # is the same either way (both hashed its bytes): anything else means the file changed.
+        bad = np.ones(len(needed), dtype=bool)
+        bad[valid] = False
+        if (bad & (needed[:, 3] == 1)).any() or not np.array_equal(keys, needed[valid, 0]):
             raise OistreamError(f"{csv_url} changed while it was read; run again")
-        parts.append(frame.assign(**{bound._START: starts}))
+        malformed = scanned.malformed
+        for line, reason in sorted(scanned.rejected)[:_MAX_EXAMPLES]:
+            examples.append(f"at byte {starts[line]}: {reason}")
+        parts.append(frame.assign(**{bound._START: starts[valid]}))
     if not parts:
-        return _empty_rows()
+        return _empty_rows(), malformed, examples
     rows = pd.concat(parts, ignore_index=True)
     rows = rows.sort_values(bound._START, kind="stable", ignore_index=True)
-    return rows[list(COLUMNS)]
+    return rows[list(COLUMNS)], malformed, examples
 
 
 def _read_spans(url: str, options: dict | None, starts: np.ndarray, stops: np.ndarray) -> bytes:
