@@ -240,6 +240,22 @@ def test_two_splits_in_one_command_equal_two_runs(s3_env, tmp_path):
         ).read_bytes()
 
 
+def test_no_metadata_file_is_read_twice_in_one_command(proxied, tmp_path):
+    """Two splits with evaluation annotations and --expand-hierarchy, no cache folder: the
+    hierarchy and the class lists are wanted by several steps, each read once; no whole file
+    is asked for twice (the zips are read by ranges, each range once)."""
+    options = _options(tmp_path, str(tmp_path / "both"), split=["validation", "test"])
+    options = dataclasses.replace(options, cache=None, expand_hierarchy=True)
+    reports = run_splits(options)
+    assert all(r.manifest["totals"]["samples"] > 0 for r in reports)
+    asked = [(e[1], e[2]) for e in _get_log(proxied, "/openimages/")]  # (path, range)
+    assert len(asked) == len(set(asked)), sorted(a for a in asked if asked.count(a) > 1)
+    whole = [path for path, _ in asked if not path.endswith(".zip")]
+    assert "/openimages/2018_04/bbox_labels_600_hierarchy.json" in whole
+    heads = [e[1] for e in proxied.stats.log if e[0] == "HEAD" and not e[1].endswith(".zip")]
+    assert len(heads) == len(set(heads)), heads
+
+
 def test_a_run_rejected_before_fetching_leaves_out_untouched(s3_env, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(shard_args("validation", out, "--executor", "dask")) == 1

@@ -95,6 +95,10 @@ class MetadataCache:
     def __init__(self, directory: str | os.PathLike[str] | None) -> None:
         self.directory = None if directory is None else os.fspath(directory)
         self.stats = CacheStats()
+        # The small files ``cat`` handed out in this run: the hierarchy and class descriptions
+        # are asked for by several steps (and per split), and are never read twice, not even
+        # a HEAD, with the cache folder off too.
+        self._read: dict[str, bytes] = {}
         self.zip_directories = (
             _CountingDirectoryCache(os.path.join(self.directory, DIRECTORIES_FOLDER), self.stats)
             if self.directory is not None
@@ -104,9 +108,13 @@ class MetadataCache:
     # -- whole files ---------------------------------------------------------------------------
 
     def cat(self, url: str, options: dict[str, Any] | None) -> bytes:
-        """The whole object at ``url`` (a class list), from the cache when still valid."""
-        with self.open(url, options) as file:
-            return file.read()
+        """The whole object at ``url`` (a class list), from the cache when still valid; read
+        once per run."""
+        key = cache_key(url, options)
+        if key not in self._read:
+            with self.open(url, options) as file:
+                self._read[key] = file.read()
+        return self._read[key]
 
     def open(
         self,
