@@ -662,6 +662,7 @@ class _Lines:
     """
 
     def __init__(self, block: bytes | memoryview) -> None:
+        self.block = block
         self.data = np.frombuffer(block, dtype=np.uint8)
         self.ends = np.flatnonzero(self.data == _NEWLINE)
         self.starts = np.concatenate(([0], self.ends[:-1] + 1))
@@ -726,10 +727,15 @@ class _Lines:
         return bytes(self.data[start:stop]).decode("utf-8", errors="replace").rstrip("\r")
 
     def take(self, lines: np.ndarray) -> bytes:
-        """The bytes of ``lines``, newlines included, in order."""
-        keep = np.zeros(len(self.ends), dtype=bool)
-        keep[lines] = True
-        return self.data[np.repeat(keep, self.ends - self.starts + 1)].tobytes()
+        """The bytes of ``lines``, newlines included, in order (as ``lines`` are sorted).
+
+        Slices joined, not a mask repeated over the block: that cost ~10 ms per 8 MiB block
+        whatever the number of lines, and once the selection is bound a block keeps ~200.
+        """
+        block = self.block
+        ends = (self.ends[lines] + 1).tolist()
+        starts = self.starts[lines].tolist()
+        return b"".join([block[a:b] for a, b in zip(starts, ends, strict=True)])
 
 
 _Check = tuple[np.ndarray, Callable[[int], str]]  # (failed per candidate, line -> reason)
@@ -891,8 +897,11 @@ def _parse_lines(kept: bytes, expected_rows: int) -> tuple[pd.DataFrame, np.ndar
         iou = pd.to_numeric(iou_text, errors="coerce").astype("float64").to_numpy()
         iou_unparsable = (iou_text != "").to_numpy(dtype=bool) & ~np.isfinite(iou)
         frame["PredictedIoU"] = np.where(np.isfinite(iou), iou, np.nan)
-    # A handful of classes: one shared string per class instead of one per row saves ~12%.
-    frame["LabelName"] = frame["LabelName"].astype("category").astype(str)
+    # A handful of classes: one shared string per class instead of one per row saves ~12% of
+    # memory. factorize, not astype("category").astype(str): 0.6 against 2.5 ms for the ~200
+    # rows a bounded block parses (about the same for 1.3M rows).
+    codes, uniques = pd.factorize(frame["LabelName"])
+    frame["LabelName"] = pd.Series(np.asarray(uniques)[codes], index=frame.index, dtype=str)
     if len(frame) != expected_rows:  # the scan and pandas disagree about lines: a bug, not data
         raise RuntimeError(f"parsed {len(frame)} rows from {expected_rows} selected lines")
     return frame, iou_unparsable
