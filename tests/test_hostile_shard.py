@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,24 @@ def test_a_second_run_is_kept_off_by_the_lease_and_deletes_nothing(fake_bucket, 
         (out / "_progress" / "lease.json").write_text(json.dumps(lease))
         assert main(shard_argv(server.url, out)) == 0
     assert not (out / ".train-000001.tar.999999.partial").exists()
+    assert not (out / "_progress" / "lease.json").exists()
+    assert (out / "train-000001.tar").exists()
+
+
+def test_a_rerun_on_another_machine_takes_over_a_silent_lease(fake_bucket, tmp_path, capsys):
+    """A spot machine preempted mid-run leaves its lease; 16 minutes unrenewed, a rerun on
+    another host takes over, says so in one warning, and finishes the same shards."""
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket) as server:
+        assert main(shard_argv(server.url, out)) == 0
+        (out / "train-000001.tar").unlink()
+        then = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 16 * 60))
+        lease = {"host": "spot-7", "pid": 4242, "started": then, "renewed": then, "run": "x"}
+        (out / "_progress" / "lease.json").write_text(json.dumps(lease))
+        capsys.readouterr()
+        assert main(shard_argv(server.url, out)) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "host spot-7 (pid 4242)" in warnings[0], warnings
     assert not (out / "_progress" / "lease.json").exists()
     assert (out / "train-000001.tar").exists()
 

@@ -457,7 +457,15 @@ def _execute(
 ) -> None:
     """Claim the folder, build the shards still to do, write the manifest."""
     o, plan, report, results = item.options, item.plan, item.report, item.results
-    leases.append(_claim_output(item.location, plan, o.overwrite))
+    lease = _claim_output(item.location, plan, o.overwrite)
+    leases.append(lease)
+    gone = lease.took_over
+    if gone is not None and gone.get("host") != lease.record["host"]:
+        _warn(
+            report,
+            f"took over {o.out} from a run on host {gone.get('host', '?')} (pid "
+            f"{gone.get('pid', '?')}) that last renewed its lease at {gone.get('renewed', '?')}",
+        )
     if item.todo:
         assert item.located is not None
         located = item.located

@@ -7,7 +7,9 @@ its samples (fixed mtime, owner and member order), so the same plan gives the sa
 
 from __future__ import annotations
 
+import calendar
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -16,6 +18,7 @@ import re
 import socket
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +33,12 @@ from oistream.format import PLAN_RECORD, PROGRESS_FOLDER
 TAR_MTIME = 946_684_800
 TAR_OWNER = "oistream"
 LEASE_RECORD = f"{PROGRESS_FOLDER}/lease.json"
+# A run rewrites its lease this often; one not rewritten for LEASE_EXPIRY_SECONDS is a run that
+# is gone (a preempted machine's, whose PID cannot be asked from another host). The margin
+# covers a slow storage write and clocks some minutes apart.
+LEASE_RENEW_SECONDS = 60.0
+LEASE_EXPIRY_SECONDS = 15 * 60.0
+_LEASE_TIME = "%Y-%m-%dT%H:%M:%SZ"
 # Every name oistream ever writes under an output root: anything else there is someone else's.
 _OURS = re.compile(
     r"(?:[a-z]+-[0-9]{6}\.tar|manifest\.json|\..+\.[0-9]+\.partial|.+\.[0-9]+\.tmp"
@@ -315,19 +324,67 @@ class ShardFile:
 
 @dataclass
 class Lease:
-    """This run's hold on an output root: ``_progress/lease.json`` with host, PID and time."""
+    """This run's hold on an output root: ``_progress/lease.json`` with host, PID, start and
+    the time it was last renewed (``keep_alive``). ``took_over`` is the record of a gone run
+    whose lease this one replaced, if any."""
 
     location: OutputLocation
     record: dict[str, Any]
+    took_over: dict[str, Any] | None = None
+    _stop: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    _renewing: threading.Thread | None = dataclasses.field(default=None, repr=False)
+
+    def keep_alive(self, every: float = LEASE_RENEW_SECONDS) -> None:
+        """Renew the lease every ``every`` seconds on a thread of its own, until ``release``."""
+
+        def beat() -> None:
+            while not self._stop.wait(every):
+                # A failed write is tried again at the next beat: the lease only expires after
+                # LEASE_EXPIRY_SECONDS, many beats later.
+                with contextlib.suppress(Exception):
+                    self.renew()
+
+        self._renewing = threading.Thread(target=beat, name="oistream-lease", daemon=True)
+        self._renewing.start()
+
+    def renew(self) -> bool:
+        """Rewrite the lease with the time now, if it is still ours; whether it was."""
+        current = self.location.read_json(LEASE_RECORD)
+        if not isinstance(current, dict) or current.get("run") != self.record["run"]:
+            return False
+        self.record = {**self.record, "renewed": _lease_time(time.time())}
+        self.location.write_bytes(LEASE_RECORD, (json.dumps(self.record) + "\n").encode())
+        return True
 
     def release(self) -> None:
-        """Remove the lease if it is still ours (a run that took over a stale one keeps it)."""
+        """Stop renewing; remove the lease if it is still ours (a run that took over a stale one
+        keeps it)."""
+        self._stop.set()
+        if self._renewing is not None:
+            self._renewing.join()
         try:
             current = self.location.read_json(LEASE_RECORD)
         except OistreamError:
             return
         if current is not None and current.get("run") == self.record["run"]:
             self.location.remove(LEASE_RECORD)
+
+
+def _lease_time(seconds: float) -> str:
+    return time.strftime(_LEASE_TIME, time.gmtime(seconds))
+
+
+def _lease_expired(holder: dict[str, Any], now: float) -> bool:
+    """Whether ``holder`` was last renewed (or, never renewed, started) over
+    LEASE_EXPIRY_SECONDS ago. A lease without a readable time never expires: delete it."""
+    stamp = holder.get("renewed", holder.get("started"))
+    if not isinstance(stamp, str):
+        return False
+    try:
+        then = calendar.timegm(time.strptime(stamp, _LEASE_TIME))
+    except ValueError:
+        return False
+    return now - then > LEASE_EXPIRY_SECONDS
 
 
 def _process_alive(pid: int) -> bool:
@@ -377,7 +434,8 @@ def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrit
 
     Refused: a folder holding files oistream did not write (unless ``overwrite``), a folder
     holding another plan's shards (unless ``overwrite``, which then rebuilds every shard), and
-    a folder leased by a live run. A lease left by a dead process on this host is taken over.
+    a folder leased by a live run. A lease left by a dead process on this host, or not renewed
+    for LEASE_EXPIRY_SECONDS (a run on another host that is gone), is taken over.
     Only once the lease is held are partial files removed and the plan recorded.
     """
     names = location.listing()
@@ -387,6 +445,7 @@ def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrit
         raise OistreamError(f"{location.url}/{PLAN_RECORD} is not a plan record; delete it")
     refuse_another_plan(location, previous, plan_record["plan_hash"], overwrite)
     lease = _take_lease(location)
+    lease.keep_alive()
     try:
         location.prepare()
         if previous is None or previous.get("plan_hash") != plan_record["plan_hash"]:
@@ -402,10 +461,12 @@ def claim_output(location: OutputLocation, plan_record: dict[str, Any], overwrit
 
 
 def _take_lease(location: OutputLocation) -> Lease:
+    now = time.time()
     record = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started": _lease_time(now),
+        "renewed": _lease_time(now),
         "run": uuid.uuid4().hex,
     }
     data = (json.dumps(record) + "\n").encode()
@@ -414,16 +475,17 @@ def _take_lease(location: OutputLocation) -> Lease:
     holder = location.read_json(LEASE_RECORD)
     if not isinstance(holder, dict):
         holder = {}
-    stale = (
+    dead_here = (
         holder.get("host") == record["host"]
         and isinstance(holder.get("pid"), int)
         and not _process_alive(holder["pid"])
     )
-    if stale:
-        location.write_bytes(LEASE_RECORD, data)  # a dead run on this host: take over
-        return Lease(location, record)
+    if dead_here or _lease_expired(holder, now):  # a dead run, or one gone silent: take over
+        location.write_bytes(LEASE_RECORD, data)
+        return Lease(location, record, took_over=holder)
     raise OistreamError(
         f"{location.url} is in use by another run (host {holder.get('host', '?')}, "
-        f"pid {holder.get('pid', '?')}, since {holder.get('started', '?')}); if that run is "
-        f"gone, delete {location.url}/{LEASE_RECORD}"
+        f"pid {holder.get('pid', '?')}, since {holder.get('started', '?')}, renewed "
+        f"{holder.get('renewed', '?')}); it expires {LEASE_EXPIRY_SECONDS / 60:g} minutes "
+        f"after its last renewal; if that run is gone, delete {location.url}/{LEASE_RECORD}"
     )
