@@ -357,7 +357,9 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
 
     located = None
     if todo:
-        _check_images_reachable(plan, o.images, images_options)
+        _check_images_reachable(
+            plan, o.images, sources.with_read_timeout(o.images, images_options, o.read_timeout)
+        )
         metadata_read, metadata_read_options = sources.reading_location(
             o.metadata, metadata_options
         )
@@ -421,7 +423,9 @@ def _estimate(item: _Prepared) -> None:
     estimate.shards_complete = item.report.shards_skipped
     todo_ids = [image_id for index in item.todo for image_id in plan.shard_ids[index]]
     estimate.image_requests = len(todo_ids)
-    fs, _ = sources.filesystem(item.options.images, item.images_options)
+    images = item.options.images
+    timed = sources.with_read_timeout(images, item.images_options, item.options.read_timeout)
+    fs, _ = sources.filesystem(images, timed)
     sizes = []
     for image_id in todo_ids[:IMAGES_SAMPLED]:
         try:
