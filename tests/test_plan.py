@@ -250,6 +250,7 @@ def _plans_agree(
     grouped=st.booleans(),
     chunksize=st.integers(4, 60),
     prune_slack=st.sampled_from([0, 10, 65_536]),
+    batch_lines=st.sampled_from([1, 5, 4096]),
     per_class=st.one_of(st.none(), st.integers(0, 12)),
     max_images=st.one_of(st.none(), st.integers(0, 20)),
     seed=st.integers(0, 3),
@@ -260,6 +261,7 @@ def test_bounded_catalog_gives_the_plan_of_the_whole_table(
     grouped: bool,
     chunksize: int,
     prune_slack: int,
+    batch_lines: int,
     per_class: int | None,
     max_images: int | None,
     seed: int,
@@ -294,7 +296,11 @@ def test_bounded_catalog_gives_the_plan_of_the_whole_table(
         path = Path(folder) / "seg.csv"
         path.write_text("\n".join([HEADER, *lines, ""]))
         # Pruning often (slack 0) moves rows out and back in; rarely, keeps them until the end.
-        with mock.patch.object(catalog._SelectionBound, "_PRUNE_SLACK", prune_slack):
+        # Rows are checked and offered after every block (1), every few lines, or at the end.
+        with (
+            mock.patch.object(catalog._SelectionBound, "_PRUNE_SLACK", prune_slack),
+            mock.patch.object(catalog._PendingRows, "_BATCH_LINES", batch_lines),
+        ):
             _plans_agree(path, [PERSON, CAR, TRAFFIC_SIGN], chunksize, shape_errors, **selection)
 
 
@@ -304,6 +310,7 @@ def test_a_row_seen_before_its_image_is_chosen_is_read_again(
 ) -> None:
     # Over-long lines before it are cut to stubs while reading: the line's place must not move.
     monkeypatch.setattr(catalog._SelectionBound, "_PRUNE_SLACK", 0)  # prune after every block
+    monkeypatch.setattr(catalog._PendingRows, "_BATCH_LINES", 1)  # offer after every block
     read_again = []
     original = catalog._read_spans
     monkeypatch.setattr(catalog, "_read_spans", lambda *a: read_again.append(a) or original(*a))
@@ -338,6 +345,7 @@ def test_a_file_that_changes_between_reads_is_one_clear_line(
     path = tmp_path / "seg.csv"
     path.write_text("\n".join([HEADER, *lines, ""]))
     monkeypatch.setattr(catalog._SelectionBound, "_PRUNE_SLACK", 0)
+    monkeypatch.setattr(catalog._PendingRows, "_BATCH_LINES", 1)  # offer after every block
     original = catalog._read_spans
 
     def rewritten(*args: Any) -> bytes:  # the first line read again now holds another image
@@ -399,7 +407,10 @@ def test_a_row_left_unparsed_and_wanted_later_is_checked_when_read_again(tmp_pat
         deferred.append(len(keys))
         defer(self, starts, stops, keys)
 
-    with mock.patch.object(catalog._SelectionBound, "defer", counting_defer):
+    with (
+        mock.patch.object(catalog._SelectionBound, "defer", counting_defer),
+        mock.patch.object(catalog._PendingRows, "_BATCH_LINES", 1),  # offer after every block
+    ):
         # chunksize 1: a block per line after the first read, so Person is full before X's
         # Person row is scanned.
         bounded = read_segmentations(str(path), [PERSON.mid, CAR.mid], chunksize=1,

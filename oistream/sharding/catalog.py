@@ -300,31 +300,36 @@ def _filter_rows(
     if header != HEADER:
         raise OistreamError(f"{csv_url}: unexpected header {header[:200]!r}; expected {HEADER!r}")
     scan = _BlockScan(selected)
+    pending = None if bound is None else _PendingRows(scan, bound)
 
     frames: list[pd.DataFrame] = []
     total_rows = malformed = 0
-    examples: list[str] = []
+    examples: list[tuple[int, str]] = []  # (line number, reason): the first few in the file
     first_line_number = 2  # the header is line 1
+
+    def note(rejected: list[tuple[int, str]], first: int) -> None:
+        examples.extend((first + line, reason) for line, reason in rejected)
+        examples[:] = sorted(examples)[:_MAX_EXAMPLES]
+
     for offset, block in blocks:  # offset: of the block in the file, to read lines again
         lines = _Lines(block)
         total_rows += lines.rows
-        scanned = scan(lines, bound)
-        frame, kept_lines, rejected = scanned.frame, scanned.lines, scanned.rejected
-        malformed += scanned.malformed
-        if bound is not None:
-            starts, stops = offset + lines.starts[kept_lines], offset + lines.ends[kept_lines]
-            bound.offer(frame, starts, stops, scanned.keys)
-            deferred = scanned.deferred_lines
-            bound.defer(
-                offset + lines.starts[deferred],
-                offset + lines.ends[deferred],
-                scanned.deferred_keys,
-            )
-        elif len(frame):
-            frames.append(frame)
-        for line, reason in sorted(rejected)[: _MAX_EXAMPLES - len(examples)]:
-            examples.append(f"line {first_line_number + line}: {reason}")
+        if pending is None:
+            scanned = scan(lines)
+            malformed += scanned.malformed
+            if len(scanned.frame):
+                frames.append(scanned.frame)
+            note(scanned.rejected, first_line_number)
+        else:
+            ranked = scan.rank(lines, pending.bound)
+            malformed += ranked.malformed
+            note(ranked.rejected, first_line_number)
+            pending.add(lines, ranked, offset, first_line_number)
         first_line_number += len(lines)
+    if pending is not None:
+        pending.flush()
+        malformed += pending.malformed
+        note(pending.rejected, 0)
 
     rows, duplicates = _drop_repeats(
         pd.concat(frames, ignore_index=True) if frames else _empty_rows()
@@ -333,7 +338,7 @@ def _filter_rows(
         rows=rows,
         total_rows=total_rows,
         malformed=malformed,
-        malformed_examples=examples,
+        malformed_examples=[f"line {line}: {reason}" for line, reason in examples],
         duplicates=duplicates,
     )
 
@@ -352,11 +357,20 @@ class _Scanned(NamedTuple):
 
     frame: pd.DataFrame  # valid rows of the selected classes
     lines: np.ndarray  # their line numbers in the block
-    keys: np.ndarray | None  # their images' order keys (with a bound)
     malformed: int
     rejected: list[tuple[int, str]]  # (line, reason), the first few
-    deferred_lines: np.ndarray  # with a bound: lines left unparsed (see __call__)
+
+
+class _Ranked(NamedTuple):
+    """``_BlockScan.rank``: the lines of one block still to check, and those only placed."""
+
+    lines: np.ndarray  # to check and parse
+    labels: np.ndarray  # their LabelName, fixed-width bytes
+    keys: np.ndarray  # their images' order keys
+    deferred_lines: np.ndarray  # rank, but past their own class's threshold (see rank)
     deferred_keys: np.ndarray
+    malformed: int  # lines of the wrong shape
+    rejected: list[tuple[int, str]]
 
 
 class _BlockScan:
@@ -369,62 +383,130 @@ class _BlockScan:
             sorted(m.encode() for m in selected), dtype=f"S{self.label_width}"
         )
 
-    def __call__(self, lines: _Lines, bound: _SelectionBound | None = None) -> _Scanned:
-        """Valid rows of the selected classes, their line numbers, their images' order keys
-        (with a ``bound``, else None), malformed count and reasons.
-
-        With a ``bound``, rows whose image ranks past its ceiling are dropped before anything
-        but their field count is checked: no selection can take them (the ceiling only falls),
-        so the work follows the selection. The key is hashed from the ImageID's bytes as they
-        stand; a row that ranks is then checked whole, one that does not is never counted as
-        malformed. Of the rows that rank, those past their own class's threshold are only
-        placed (``_SelectionBound.defer``) and checked if read again. On a 2.69M-row CSV whose
-        selected classes hold half the rows, --per-class 1000: 19.9 s of CPU with every
-        candidate row parsed, 10.0 s with values skipped, 7.5 s with identifiers skipped as
-        well, 7.4-8.0 s (against 8.1-8.9 s in the same hour) with rows deferred.
-        """
+    def __call__(self, lines: _Lines) -> _Scanned:
+        """Valid rows of the selected classes, their line numbers, malformed count and
+        reasons."""
         wrong = lines.wrong_shape()
-        malformed = len(wrong)
         rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
         candidates, labels = lines.select(self.wanted_labels, self.label_width)
-        keys = None
-        deferred_lines, deferred_keys = candidates[:0], np.zeros(0, dtype=np.uint64)
-        if bound is not None:
-            image_ids = np.ascontiguousarray(lines.fixed_width(candidates, 1, 16)[0])
-            keys = _hash_keys_of_rows(image_ids.view("S16").ravel(), bound.seed)
-            ceiling = bound.ceiling()
-            rankable = keys <= ceiling if ceiling is not None else np.zeros(len(keys), bool)
-            candidates, labels, keys = candidates[rankable], labels[rankable], keys[rankable]
-            # A row past its own class's threshold is wanted only if another class takes its
-            # image: its place is kept unparsed, and read again at the end if that happens.
-            # Person's threshold falls far faster than a rare class's, which sets the ceiling.
-            parse = bound.may_take(labels, keys)
-            deferred_lines, deferred_keys = candidates[~parse], keys[~parse]
-            candidates, labels, keys = candidates[parse], labels[parse], keys[parse]
+        return self.check(lines, candidates, labels, len(wrong), rejected)
+
+    def rank(self, lines: _Lines, bound: _SelectionBound) -> _Ranked:
+        """With a selection ``bound``: the lines worth checking, without checking them.
+
+        Rows whose image ranks past the bound's ceiling are dropped before anything but their
+        field count is checked: no selection can take them (the ceiling only falls), so the
+        work follows the selection. The key is hashed from the ImageID's bytes as they stand;
+        a row that ranks is then checked whole, one that does not is never counted as
+        malformed. Of the rows that rank, those past their own class's threshold are only
+        placed (``_SelectionBound.defer``) and checked if read again: the ceiling is the rarest
+        class's threshold, which falls slowest. On a 2.69M-row CSV whose selected classes hold
+        half the rows, --per-class 1000: 19.9 s of CPU with every candidate row parsed, 10.0 s
+        with values skipped, 7.5 s with identifiers skipped as well, 7.0-7.3 s with rows
+        deferred and checked in batches (``_PendingRows``).
+        """
+        wrong = lines.wrong_shape()
+        rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
+        candidates, labels = lines.select(self.wanted_labels, self.label_width)
+        image_ids = np.ascontiguousarray(lines.fixed_width(candidates, 1, 16)[0])
+        keys = _hash_keys_of_rows(image_ids.view("S16").ravel(), bound.seed)
+        ceiling = bound.ceiling()
+        rankable = keys <= ceiling if ceiling is not None else np.zeros(len(keys), bool)
+        candidates, labels, keys = candidates[rankable], labels[rankable], keys[rankable]
+        parse = bound.may_take(labels, keys)
+        return _Ranked(
+            candidates[parse],
+            labels[parse],
+            keys[parse],
+            candidates[~parse],
+            keys[~parse],
+            len(wrong),
+            rejected,
+        )
+
+    def check(
+        self,
+        lines: _Lines,
+        candidates: np.ndarray,
+        labels: np.ndarray,
+        malformed: int = 0,
+        rejected: list[tuple[int, str]] | None = None,
+    ) -> _Scanned:
+        """Identifiers, sizes and values of ``candidates`` (lines of selected labels, of ten
+        fields): the valid ones parsed, the rest counted and the first few explained."""
+        rejected = list(rejected or [])
         checks = _identifier_checks(lines, candidates, labels) + _size_checks(lines, candidates)
         invalid, why = _rejections(candidates, checks)
         malformed += int(invalid.sum())
         rejected += why
         candidates = candidates[~invalid]
-        keys = keys[~invalid] if keys is not None else None
         if not len(candidates):
-            return _Scanned(
-                _empty_rows(), candidates, keys, malformed, rejected, deferred_lines, deferred_keys
-            )
+            return _Scanned(_empty_rows(), candidates, malformed, rejected)
         frame, checks = _parse_and_check_values(lines, candidates)
         invalid, why = _rejections(candidates, checks)
         malformed += int(invalid.sum())
         rejected += why
-        keys = keys[~invalid] if keys is not None else None
-        return _Scanned(
-            frame.loc[~invalid],
-            candidates[~invalid],
-            keys,
-            malformed,
-            rejected,
-            deferred_lines,
-            deferred_keys,
+        return _Scanned(frame.loc[~invalid], candidates[~invalid], malformed, rejected)
+
+
+class _PendingRows:
+    """Ranked lines of several blocks, checked and offered to the bound together.
+
+    Once every class holds its N, a block keeps a few hundred lines to check, and pandas'
+    read_csv costs ~3.5 ms a call whatever it reads: 104 calls were ~0.4 s of the 7 s a 2.69M-row
+    CSV took at 50%. The bound sees the rows a batch late; it only ever tightens, so a late
+    offer costs a few more rows checked, never a different selection.
+    """
+
+    # Lines gathered before they are checked: ~1 MB of CSV.
+    _BATCH_LINES = 4096
+
+    def __init__(self, scan: _BlockScan, bound: _SelectionBound) -> None:
+        self.scan, self.bound = scan, bound
+        self.malformed = 0
+        self.rejected: list[tuple[int, str]] = []  # (line number in the file, reason)
+        self._parts: list[bytes] = []
+        self._places: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._count = 0
+
+    def add(self, lines: _Lines, ranked: _Ranked, offset: int, first_line_number: int) -> None:
+        """One block's ranked lines (``offset``: the block's in the file; ``first_line_number``:
+        its first line's number); its deferred lines go to the bound at once."""
+        deferred = ranked.deferred_lines
+        self.bound.defer(
+            offset + lines.starts[deferred], offset + lines.ends[deferred], ranked.deferred_keys
         )
+        chosen = ranked.lines
+        if len(chosen):
+            self._parts.append(lines.take(chosen))
+            self._places.append(
+                (
+                    offset + lines.starts[chosen],
+                    offset + lines.ends[chosen],
+                    ranked.keys,
+                    first_line_number + chosen,
+                )
+            )
+            self._count += len(chosen)
+        if self._count >= self._BATCH_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Check the gathered lines as one block and offer the valid rows to the bound."""
+        if not self._count:
+            return
+        batch = _Lines(b"".join(self._parts))
+        starts, stops, keys, numbers = (np.concatenate(c) for c in zip(*self._places, strict=True))
+        self._parts, self._places, self._count = [], [], 0
+        candidates, labels = batch.select(self.scan.wanted_labels, self.scan.label_width)
+        if len(candidates) != len(keys):  # the same bytes, selected again: a bug, not data
+            raise RuntimeError(f"{len(candidates)} lines selected again from {len(keys)} taken")
+        scanned = self.scan.check(batch, candidates, labels)
+        self.malformed += scanned.malformed
+        found = [(int(numbers[line]), reason) for line, reason in scanned.rejected]
+        self.rejected = sorted(self.rejected + found)[:_MAX_EXAMPLES]
+        valid = scanned.lines
+        self.bound.offer(scanned.frame, starts[valid], stops[valid], keys[valid])
 
 
 class _SelectionBound:
