@@ -28,3 +28,14 @@ def one_line(error: BaseException, *, with_type: bool = True) -> str:
     if isinstance(error, OistreamError) or not with_type:
         return text or type(error).__name__
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def storage_reason(error: BaseException) -> str:
+    """Why the storage layer failed, for a one-line message: "not found"; a time-out (a server
+    that stopped sending, or never answered, for ``--read-timeout``) said to be transient,
+    since fsspec's FSTimeoutError carries no message; else ``one_line(error)``."""
+    if isinstance(error, FileNotFoundError):
+        return "not found"
+    if isinstance(error, TimeoutError):
+        return "timed out (the server stopped sending); rerun the same command"
+    return one_line(error)

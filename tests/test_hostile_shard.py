@@ -174,6 +174,20 @@ def test_a_stalled_metadata_server_ends_the_run_in_one_line(fake_bucket, tmp_pat
     assert not out.exists() or not list(out.glob("*.tar"))
 
 
+@pytest.mark.timeout(120)  # the HEAD is answered after 600 s: a run that waits fails here
+def test_an_images_server_that_never_answers_a_head_costs_the_read_timeout(
+    fake_bucket, tmp_path, clean
+):
+    """The parent's reachability check HEADs an image: unanswered, it gives up after
+    ``--read-timeout`` (fsspec then asks by GET) instead of aiohttp's 5 minutes."""
+    out = tmp_path / "out"
+    with HostileServer(fake_bucket, misbehave={"/open-images-dataset/*": "stall_head"}) as server:
+        assert main(shard_argv(server.url, out, "--read-timeout", "0.5")) == 0
+        heads = [e for e in server.stats.log if e[0] == "HEAD" and "open-images" in e[1]]
+    assert heads  # the stalled HEAD was asked, and given up on
+    assert manifest(out)["totals"] == clean["manifest"]["totals"]
+
+
 def test_range_ignored_on_a_big_zip_is_abandoned_after_the_headers(fake_bucket, tmp_path, victim):
     # Pad the zip with 32 MB in front of its members (a real train zip is 2 GB): a fetcher
     # that read the whole answer before checking it would pull all of it.

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from oistream import sources
-from oistream.errors import OistreamError, one_line
+from oistream.errors import OistreamError, storage_reason
 
 COLUMNS = (
     "MaskPath",
@@ -1100,16 +1100,8 @@ def _read_text(
 
 
 def cannot_read(url: str, error: BaseException) -> OistreamError:
-    """The one line for a metadata file the storage layer failed to hand over. A time-out
-    (``--read-timeout`` passed with no byte, or a connection that never opened) is transient:
-    the line says so, where fsspec's FSTimeoutError carries no message at all."""
-    if isinstance(error, FileNotFoundError):
-        reason = "not found"
-    elif isinstance(error, TimeoutError):
-        reason = "timed out (the server stopped sending); rerun the same command"
-    else:
-        reason = one_line(error)
-    return OistreamError(f"cannot read {url}: {reason}")
+    """The one line for a metadata file the storage layer failed to hand over."""
+    return OistreamError(f"cannot read {url}: {storage_reason(error)}")
 
 
 class _Missing(Exception):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import oistream
 from oistream import sources
-from oistream.errors import OistreamError, one_line
+from oistream.errors import OistreamError, one_line, storage_reason
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
 from oistream.sharding import annotations, catalog, executors
 from oistream.sharding.cache import MetadataCache, default_cache_dir
@@ -596,7 +596,9 @@ def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) ->
         except FileNotFoundError:
             continue
         except Exception as error:
-            raise OistreamError(f"cannot reach images at {images}: {one_line(error)}") from None
+            raise OistreamError(
+                f"cannot reach images at {images}: {storage_reason(error)}"
+            ) from None
     raise OistreamError(
         f"no planned image found under {images}/{plan.split}/ (tried {len(first_ids)}): "
         "wrong --images URL?"

@@ -3,10 +3,10 @@
 Where ``faultproxy`` injects the network's accidents (503s, resets, cut bodies) in front of a
 real S3 server, this serves a folder itself, so that it can also tell lies no honest server
 tells: ignore ``Range`` and send everything, answer another range than the one asked for,
-stall in the middle of a body, redirect to another host, or replace an object between two
-reads. Honest by default: ``HEAD`` and ``GET`` with ``Content-Length``, a strong ``ETag`` (the
-MD5 of the bytes), single ranges answered ``206`` with ``Content-Range``, ``If-Match``
-answered ``412`` when it does not match, ``404`` for what is not there.
+stall in the middle of a body or before a HEAD's answer, redirect to another host, or replace
+an object between two reads. Honest by default: ``HEAD`` and ``GET`` with ``Content-Length``, a
+strong ``ETag`` (the MD5 of the bytes), single ranges answered ``206`` with ``Content-Range``,
+``If-Match`` answered ``412`` when it does not match, ``404`` for what is not there.
 
 Behaviours are keyed by URL path (``fnmatch`` patterns): ``overrides`` replaces a file's bytes,
 ``misbehave`` names one of ``BEHAVIOURS``, ``replace_after`` swaps a file's bytes (and so its
@@ -18,6 +18,7 @@ too, and logs each request (method, path, range, status, Host header). Body byte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import fnmatch
 import hashlib
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-BEHAVIOURS = ("ignore_range", "wrong_range", "stall", "redirect_elsewhere", "fail")
+BEHAVIOURS = ("ignore_range", "wrong_range", "stall", "stall_head", "redirect_elsewhere", "fail")
 _RANGE = re.compile(r"bytes=([0-9]+)-([0-9]*)")
 _CHUNK = 64 * 1024
 
@@ -151,6 +152,9 @@ class HostileServer:
             return web.Response(status=412, text="precondition failed", headers=headers)
         if request.method == "HEAD":
             self._record(request, 200)
+            if behaviour == "stall_head":  # the answer comes only after stall_seconds
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(self.stall_seconds)
             return web.Response(status=200, headers={**headers, "Content-Length": str(len(data))})
         start, stop, status = 0, len(data), 200
         asked = request.headers.get("Range")
