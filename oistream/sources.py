@@ -124,9 +124,9 @@ def with_read_timeout(url: str, options: dict[str, Any], seconds: float) -> dict
     that stops sending mid-body fails the read after ``seconds`` (one line; a rerun resumes)
     instead of after aiohttp's 5 minutes per request or botocore's 60 s per read, retried.
 
-    For the parent's whole-file reads (class lists, CSVs). Options that travel to the shard
-    workers stay without it: their fetcher times out on its own, and client options there would
-    turn the lean HTTP client off.
+    For the parent's own reads: whole files (class lists, CSVs) and HEADs. Options that travel
+    to the shard workers stay without it: their fetcher times out on its own, and client options
+    there would turn the lean HTTP client off.
     """
     protocol = fsspec.core.split_protocol(url)[0] or "file"
     if protocol in ("http", "https"):

@@ -386,10 +386,18 @@ class _BlockScan:
     def __call__(self, lines: _Lines) -> _Scanned:
         """Valid rows of the selected classes, their line numbers, malformed count and
         reasons."""
+        malformed, rejected, candidates, labels = self._shape_and_labels(lines)
+        return self.check(lines, candidates, labels, malformed, rejected)
+
+    def _shape_and_labels(
+        self, lines: _Lines
+    ) -> tuple[int, list[tuple[int, str]], np.ndarray, np.ndarray]:
+        """Lines of the wrong shape (count, first few reasons), then the well-formed lines of
+        the selected classes and their labels."""
         wrong = lines.wrong_shape()
         rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
         candidates, labels = lines.select(self.wanted_labels, self.label_width)
-        return self.check(lines, candidates, labels, len(wrong), rejected)
+        return len(wrong), rejected, candidates, labels
 
     def rank(self, lines: _Lines, bound: _SelectionBound) -> _Ranked:
         """With a selection ``bound``: the lines worth checking, without checking them.
@@ -405,9 +413,7 @@ class _BlockScan:
         with values skipped, 7.5 s with identifiers skipped as well, 7.0-7.3 s with rows
         deferred, 5.2 s checked in batches too (``_PendingRows``; pandas' read 12.4 s then).
         """
-        wrong = lines.wrong_shape()
-        rejected = [(int(i), lines.shape_problem(int(i))) for i in wrong[:_MAX_EXAMPLES]]
-        candidates, labels = lines.select(self.wanted_labels, self.label_width)
+        malformed, rejected, candidates, labels = self._shape_and_labels(lines)
         image_ids = np.ascontiguousarray(lines.fixed_width(candidates, 1, 16)[0])
         keys = _hash_keys_of_rows(image_ids.view("S16").ravel(), bound.seed)
         ceiling = bound.ceiling()
@@ -420,7 +426,7 @@ class _BlockScan:
             keys[parse],
             candidates[~parse],
             keys[~parse],
-            len(wrong),
+            malformed,
             rejected,
         )
 

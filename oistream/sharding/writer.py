@@ -353,7 +353,7 @@ class Lease:
         if not isinstance(current, dict) or current.get("run") != self.record["run"]:
             return False
         self.record = {**self.record, "renewed": _lease_time(time.time())}
-        self.location.write_bytes(LEASE_RECORD, (json.dumps(self.record) + "\n").encode())
+        self.location.write_bytes(LEASE_RECORD, _lease_bytes(self.record))
         return True
 
     def release(self) -> None:
@@ -368,6 +368,10 @@ class Lease:
             return
         if current is not None and current.get("run") == self.record["run"]:
             self.location.remove(LEASE_RECORD)
+
+
+def _lease_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record) + "\n").encode()
 
 
 def _lease_time(seconds: float) -> str:
@@ -469,7 +473,7 @@ def _take_lease(location: OutputLocation) -> Lease:
         "renewed": _lease_time(now),
         "run": uuid.uuid4().hex,
     }
-    data = (json.dumps(record) + "\n").encode()
+    data = _lease_bytes(record)
     if location.create_exclusive(LEASE_RECORD, data):
         return Lease(location, record)
     holder = location.read_json(LEASE_RECORD)
