@@ -74,7 +74,7 @@ from oistream.format import (
     member_field,
     read_manifest,
 )
-from oistream.masks import TORCHVISION_DEPRECATION, assemble_masks, decode_mask_png, warm_up
+from oistream.masks import TORCHVISION_DEPRECATION, assemble_instances, decode_mask_png, warm_up
 from oistream.transforms import RandomHorizontalFlip, drop_small_instances, hflip
 
 __all__ = [
@@ -787,18 +787,19 @@ class ShardDataset(IterableDataset):
             masks.append(decode_mask_png(raw[field]))
             labels.append(label)
 
-        planes, boxes, kept = assemble_masks(masks, height, width, self.resolve_occlusion)
+        planes, boxes, areas, kept = assemble_instances(
+            masks, height, width, self.resolve_occlusion
+        )
         masks_tensor = torch.from_numpy(planes)
         count = len(kept)
         target: Target = {
             "boxes": torch.from_numpy(boxes),
-            "labels": torch.as_tensor(labels, dtype=torch.int64)[torch.from_numpy(kept)]
-            if count
-            else torch.zeros(0, dtype=torch.int64),
+            # numpy's fancy index: a tenth of torch's cost on a handful of labels.
+            "labels": torch.from_numpy(np.asarray(labels, np.int64)[kept]),
             "masks": masks_tensor,
             "image_id": torch.tensor(image_id_to_int(key), dtype=torch.int64),
             "image_key": key,
-            "area": torch.from_numpy(_mask_areas(planes, boxes)),
+            "area": torch.from_numpy(areas),
             "iscrowd": torch.zeros(count, dtype=torch.int64),
         }
         if not self.decode_images:
@@ -1008,15 +1009,6 @@ class _Stream:
                     self.buckets[wide].append(
                         ((draw, index, bool(flipped)), hflip(*sample) if flipped else sample)
                     )
-
-
-def _mask_areas(planes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Pixels per mask, float32 [N]. Counted inside each tight box only: every pixel lies in
-    it, and the box is usually a small part of the image (25x less work than whole planes)."""
-    areas = np.zeros(len(boxes), np.float32)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(np.int64)):
-        areas[i] = np.count_nonzero(planes[i, y0:y1, x0:x1])
-    return areas
 
 
 def _share(total: int, index: int, parts: int) -> int:

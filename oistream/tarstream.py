@@ -23,7 +23,6 @@ _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old (V7) regular file, contiguous file
 _DIRECTORY = b"5"
 _POSIX_MAGIC = b"ustar\x0000"  # the only magic whose bytes 345-500 are a name prefix
-_UNSIGNED = struct.Struct("148B8x356B")
 _SIGNED = struct.Struct("148b8x356b")  # some tars (Sun, NeXT) sum signed bytes; tarfile takes both
 
 
@@ -48,9 +47,11 @@ def _plain_header(header: bytes) -> tuple[str, int, bytes] | None:
     if kind not in _REGULAR and kind != _DIRECTORY:
         return None
     checksum = _number(header[148:156])
-    if checksum is None or checksum not in (
-        256 + sum(_UNSIGNED.unpack(header)),
-        256 + sum(_SIGNED.unpack(header)),
+    # The checksum field counts as eight spaces (256). The signed sum is asked only when the
+    # unsigned one fails: computing both cost 16 us a member, a third of reading one.
+    if checksum is None or (
+        checksum != 256 + sum(header) - sum(header[148:156])
+        and checksum != 256 + sum(_SIGNED.unpack(header))
     ):
         return None
     size = _number(header[124:136])

@@ -20,6 +20,7 @@ from PIL import Image
 import oistream.masks
 from oistream.masks import (
     _first_destination_index,
+    assemble_instances,
     assemble_masks,
     decode_mask_png,
     reference_assemble_masks,
@@ -49,10 +50,15 @@ def assert_same(got, expected) -> None:
 
 def check_against_reference(masks, height, width) -> None:
     for resolve in (True, False):
-        got = assemble_masks(masks, height, width, resolve_occlusion=resolve)
-        assert_same(got, reference_assemble_masks(masks, height, width, resolve_occlusion=resolve))
-        assert got[0].dtype == np.uint8 and set(np.unique(got[0])) <= {0, 1}
-        assert got[0].flags.c_contiguous
+        got = assemble_instances(masks, height, width, resolve_occlusion=resolve)
+        expected = reference_assemble_masks(masks, height, width, resolve_occlusion=resolve)
+        assert_same((got.masks, got.boxes, got.kept), expected)
+        assert got.masks.dtype == np.uint8 and set(np.unique(got.masks)) <= {0, 1}
+        assert got.masks.flags.c_contiguous
+        # The areas counted while painting are the pixels of the planes handed out.
+        assert got.areas.dtype == np.float32
+        np.testing.assert_array_equal(got.areas, expected[0].sum((1, 2)))
+        assert_same(assemble_masks(masks, height, width, resolve), expected)
 
 
 def make_mask(rng: np.random.Generator, shape: tuple[int, int], kind: str, as_bool: bool):

@@ -142,3 +142,19 @@ def test_prefixed_stream_hands_back_the_head_first() -> None:
     assert stream.read(2) == b"ab"
     assert stream.read(3) == b"cde"
     assert stream.read() == b"fgh"
+
+
+def test_a_signed_checksum_is_accepted_and_a_wrong_one_in_both_senses_is_not() -> None:
+    # A name with bytes >= 128 makes the signed and unsigned sums differ (Sun's and NeXT's
+    # tars wrote the signed one; tarfile takes both).
+    name = "\u00e9t\u00e9.txt"
+    data = bytearray(_tar([(name, b"abc", tarfile.REGTYPE)], tarfile.USTAR_FORMAT))
+    data[148:156] = b"        "
+    signed = sum(b - 256 if b >= 128 else b for b in data[:BLOCK])
+    assert signed != sum(data[:BLOCK])
+    data[148:156] = b"%06o\0 " % signed
+    members = list(iter_members(io.BytesIO(bytes(data)), lambda n: True))
+    assert members == [(name, b"abc")]
+    data[148:156] = b"%06o\0 " % (signed + 1)
+    with pytest.raises(TarReadError, match="checksum"):
+        list(iter_members(io.BytesIO(bytes(data)), lambda n: True))
