@@ -1,3 +1,3 @@
-from oistream.cli import main
+from oistream.cli import run
 
-raise SystemExit(main())
+run()

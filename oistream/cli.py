@@ -533,3 +533,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_ERROR
     return 0
+
+
+def run() -> NoReturn:
+    """The command's entry point (``oistream``, ``python -m oistream``): ``main``, then an exit
+    without the interpreter's teardown.
+
+    Tearing down the modules the shard command loads (pandas, aiobotocore, aiohttp) took 0.5 s
+    after the work was done: ``import oistream.sharding.run`` alone exits in 1.18 s, in 0.67 s
+    with ``os._exit``. By the time ``main`` returns every file it wrote is closed and renamed,
+    its worker processes are joined and its lease released; what is left are output buffers,
+    flushed here. Trainer commands exit the usual way (CUDA and process groups shut down).
+    """
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv and argv[0] in TRAINER_COMMANDS:
+        raise SystemExit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+            code = code or EXIT_ERROR
+    os._exit(code)

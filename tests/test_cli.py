@@ -90,3 +90,28 @@ def test_fake_bucket_command_writes_both_roots(tmp_path):
     assert (tmp_path / "open-images-dataset" / "train").is_dir()
     assert (tmp_path / "openimages" / "v5" / "train-masks" / "train-masks-0.zip").is_file()
     assert "train 8 images" in result.stdout
+
+
+def test_the_entry_point_flushes_its_output_and_passes_the_exit_code_through(tmp_path):
+    # `run` leaves by os._exit, skipping the interpreter's teardown: what was printed to a
+    # pipe must still arrive whole, and the command's code must be the process's.
+    helped = subprocess.run(
+        [sys.executable, "-m", "oistream"], capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("usage: oistream")
+    assert helped.stdout.rstrip().endswith(main_help_last_line())
+    failed = subprocess.run(
+        [sys.executable, "-m", "oistream", "inspect", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.count("\n") == 1 and "oistream inspect: error:" in failed.stderr
+
+
+def main_help_last_line() -> str:
+    from oistream.cli import build_parser
+
+    return build_parser().format_help().rstrip().splitlines()[-1]

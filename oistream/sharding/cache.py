@@ -31,6 +31,7 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -95,6 +96,8 @@ class MetadataCache:
     def __init__(self, directory: str | os.PathLike[str] | None) -> None:
         self.directory = None if directory is None else os.fspath(directory)
         self.stats = CacheStats()
+        # The class lists are read side by side (``catalog.load_classes``): counts under a lock.
+        self._stats_lock = threading.Lock()
         # The small files ``cat`` handed out in this run: the hierarchy and class descriptions
         # are asked for by several steps (and per split), and are never read twice, not even
         # a HEAD, with the cache folder off too.
@@ -134,7 +137,7 @@ class MetadataCache:
             total = getattr(remote, "size", None)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, total))
         info = fs.info(path)
-        self.stats.heads += 1
+        self._count("heads", 1)
         size, etag = version_of(info)
         if etag is None:  # nothing to validate against: never cache it
             remote = _open_sized(fs, path, info)
@@ -146,16 +149,20 @@ class MetadataCache:
             local = None
         if local is not None:
             if os.fstat(local.fileno()).st_size == size:
-                self.stats.hits += 1
+                self._count("hits", 1)
                 return _CountingReader(local, self._counter("cached_bytes", progress, size))
             local.close()  # not what it was stored as: fetch again
-        self.stats.misses += 1
+        self._count("misses", 1)
         remote = _open_sized(fs, path, info)
         counter = self._counter("fetched_bytes", progress, size)
         try:
             return _CopyingReader(remote, entry, size, counter)
         except OSError:  # a cache folder we cannot write to costs speed, never the run
             return _CountingReader(remote, counter)
+
+    def _count(self, field: str, amount: int) -> None:
+        with self._stats_lock:
+            setattr(self.stats, field, getattr(self.stats, field) + amount)
 
     def _entry(self, key: str, size: int, etag: str) -> str:
         folder = os.path.join(self.directory or "", FILES_FOLDER)
@@ -167,7 +174,7 @@ class MetadataCache:
         self, field: str, progress: Callable[[int, int], None] | None, total: int | None
     ) -> Callable[[int], None]:
         def count(nbytes: int) -> None:
-            setattr(self.stats, field, getattr(self.stats, field) + nbytes)
+            self._count(field, nbytes)
             if progress is not None:
                 progress(nbytes, int(total or 0))
 

@@ -22,6 +22,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -111,25 +112,34 @@ def load_classes(
     a whole file instead of fsspec's ``cat_file`` (the metadata cache passes its own).
     """
     segmentable_url = sources.segmentable_classes_url(metadata_root)
-    text = _read_text(segmentable_url, options, cat=cat)
+    # The two lists are independent: the descriptions are read beside the segmentable list, so
+    # their round trips (a HEAD and a GET each) overlap instead of following one another.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        descriptions = pool.submit(_read_descriptions, metadata_root, options, cat)
+        text = _read_text(segmentable_url, options, cat=cat)
+        names = _parse_descriptions(descriptions.result())
     mids = list(dict.fromkeys(line.strip() for line in text.splitlines()))
     mids = [mid for mid in mids if mid]
+    # A segmentable MID without a description would be a broken metadata root; keep it usable by
+    # its MID rather than dropping a class the masks contain.
+    return [OIClass(mid, names.get(mid, mid)) for mid in mids]
 
+
+def _read_descriptions(
+    metadata_root: str, options: dict | None, cat: Callable[[str], bytes] | None
+) -> str:
+    """V7's class descriptions, or V5's where V7's file does not exist."""
     v7_url = sources.class_descriptions_url(metadata_root)
     v5_url = sources.v5_class_descriptions_url(metadata_root)
     try:
-        descriptions = _read_text(v7_url, options, missing_ok=True, cat=cat)
+        return _read_text(v7_url, options, missing_ok=True, cat=cat)
     except _Missing:
         try:
-            descriptions = _read_text(v5_url, options, missing_ok=True, cat=cat)
+            return _read_text(v5_url, options, missing_ok=True, cat=cat)
         except _Missing:
             raise OistreamError(
                 f"class descriptions not found: neither {v7_url} nor {v5_url}"
             ) from None
-    names = _parse_descriptions(descriptions)
-    # A segmentable MID without a description would be a broken metadata root; keep it usable by
-    # its MID rather than dropping a class the masks contain.
-    return [OIClass(mid, names.get(mid, mid)) for mid in mids]
 
 
 def _parse_descriptions(text: str) -> dict[str, str]:

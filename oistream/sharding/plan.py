@@ -228,8 +228,9 @@ def make_plan(
     return Plan(split, classes, parameters, table, shard_ids)
 
 
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+# One encoder for every record: json.dumps with separators builds a new one per call (17% of
+# an instance record's 6.6 us).
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _instance_json(k: int, instance: dict[str, Any], class_index: int) -> str:
