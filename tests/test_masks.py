@@ -286,3 +286,18 @@ def test_an_8_bit_header_over_other_data_is_left_to_pillow():
     assert oistream.masks._is_8bit_gray_png(data)
     with pytest.raises(OSError):
         decode_mask_png(data[:-20])
+
+
+def test_warm_up_compiles_what_both_decoders_hand_out():
+    # Pillow's arrays (1-bit PNGs) are read-only, torchvision's (8-bit) writable: each is its
+    # own numba signature, and one missing from warm_up would be compiled on the first batch.
+    oistream.masks.warm_up()
+    compiled = set(oistream.masks._paint_instance.signatures)
+    foreground = make_mask(np.random.default_rng(11), (30, 40), "blob", as_bool=True)
+    one_bit = decode_mask_png(png_bytes(foreground))
+    grey = decode_mask_png(png_bytes((foreground * 255).astype(np.uint8)))
+    assert not one_bit.flags.writeable and grey.flags.writeable
+    for resolve in (True, False):
+        got = assemble_instances([one_bit, grey], 17, 23, resolve_occlusion=resolve)
+        assert len(got.kept) >= 1
+    assert set(oistream.masks._paint_instance.signatures) == compiled
