@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from oistream.cli import main
+from oistream.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,8 @@ def test_the_entry_point_flushes_its_output_and_passes_the_exit_code_through(tmp
     )
     assert helped.returncode == 0
     assert helped.stdout.startswith("usage: oistream")
-    assert helped.stdout.rstrip().endswith(main_help_last_line())
+    last_line = build_parser().format_help().rstrip().splitlines()[-1]
+    assert helped.stdout.rstrip().endswith(last_line)
     failed = subprocess.run(
         [sys.executable, "-m", "oistream", "inspect", str(tmp_path / "nothing")],
         capture_output=True,
@@ -109,9 +110,3 @@ def test_the_entry_point_flushes_its_output_and_passes_the_exit_code_through(tmp
     )
     assert failed.returncode == 1
     assert failed.stderr.count("\n") == 1 and "oistream inspect: error:" in failed.stderr
-
-
-def main_help_last_line() -> str:
-    from oistream.cli import build_parser
-
-    return build_parser().format_help().rstrip().splitlines()[-1]

@@ -47,12 +47,7 @@ def _init_worker(progress_queue: multiprocessing.Queue, parent_pid: int) -> None
     # Run last of multiprocessing's exit finalizers (after the runner's close and the progress
     # queue's flush, priorities 10 and -5): the interpreter's teardown that would follow cost
     # each worker 0.2 s at the end of every run, while the parent waited for it.
-    multiprocessing.util.Finalize(None, _leave_now, exitpriority=-100)
-
-
-def _leave_now() -> None:
-    """A worker's last act once the pool has shut it down and its finalizers have run."""
-    leave_now(0)
+    multiprocessing.util.Finalize(None, leave_now, args=(0,), exitpriority=-100)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
