@@ -9,7 +9,7 @@ torchvision Mask R-CNN R50-FPN (``--model v1``, random weights: the weights do n
 work of a step), 4 classes + background, torchvision's default transform (short side 800),
 SGD, AMP as the trainer chooses it (bf16 where the GPU has it), batch ``--batch-size`` 8.
 
-Three sources of batches for the same training run:
+Four sources of batches, and two step loops, for the same training run:
 
 * shards: ``oistream.ShardDataset`` (train mode: shuffle, random flip, masks assembled at
   the image's size) -> ``oistream.make_loader`` with ``--workers`` workers and pinned memory ->
@@ -18,7 +18,21 @@ Three sources of batches for the same training run:
   ``ShardDataset(decode_images=False)``; each batch's JPEGs are decoded at once by nvJPEG in
   ``to_device``. Skipped with ``--no-gpu-decode``;
 * memory (the no-loading limit): ``--preload`` batches taken from the shard loader, kept on the
-  GPU, fed in turn through the same ``to_device`` (a no-op copy there).
+  GPU, fed in turn through the same ``to_device`` (a no-op copy there);
+* memory, torchvision's loop: the same batches, the same model, optimizer, scaler and
+  schedule, stepped by the body of torchvision's reference ``train_one_epoch``
+  (``references/detection/engine.py``, not shipped in the wheel; restated in
+  ``ReferenceLoop``): the losses summed inside autocast, ``.item()`` of the total checked for
+  finiteness, ``zero_grad()``, backward and step, the schedule stepped, and every loss
+  ``.item()``-ed into a smoothed meter as its ``MetricLogger.update`` does. Its printing every
+  ``print_freq`` steps is left out (that favours it), and it clips the gradients as our step
+  does here (random weights without warm-up diverge unclipped): the loops differ only in what
+  they do around the model. Our step is ``Trainer.train_step`` and the fit loop's
+  ``LossWindow``, one ``.item()`` per loss every ``LOG_EVERY`` steps. Skipped with
+  ``--no-reference``.
+
+Every step of the first three also does what ``Trainer.fit`` does around ``train_step`` that
+touches the GPU: its losses are added to a ``LossWindow``, read back every ``LOG_EVERY`` steps.
 
 The cost of a Mask R-CNN step drifts as the model trains (proposals, positives, NMS work: on
 the H200 from about 50 images/s in the first 150 steps to 68 later), and a process warms up
@@ -35,8 +49,10 @@ waiting under 1% of its time for data; the cause is not known (runs A and B of
 
 Printed: the card, images/s of each source, the fraction of step time spent waiting for the
 next batch (decoding on the GPU included), the main thread's CPU time per step, the loader
-alone (no model), and the data-loading overhead = 1 - shards / memory, against the mark of
-<= 5%, with its spread over the rounds.
+alone (no model), the data-loading overhead = 1 - shards / memory against issue 16's mark of
+<= 3% (issue 5 asked <= 5%), with its spread over the rounds, and our step against
+torchvision's loop on the same batches (memory / memory, torchvision's loop; mark: >= 1, not
+slower).
 
 Run (about 2.5 minutes on one H100 or H200): ``python benchmarks/train_throughput.py``.
 ``--cpu-smoke`` runs a tiny version on the CPU to check the script; its numbers mean nothing.
@@ -45,7 +61,9 @@ Run (about 2.5 minutes on one H100 or H200): ``python benchmarks/train_throughpu
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import math
 import os
 import sys
 import time
@@ -63,12 +81,22 @@ import oistream
 from train.data import describe_classes, make_batches, to_device
 from train.distributed import Ranks
 from train.engine import Trainer, seed_everything
+from train.metrics import LossWindow
 from train.model import build_model, layout_for
 from train.precision import choose_precision
 from train.schedule import Schedule
 
-OVERHEAD_MARK = 0.05
+# Issue 16's mark for the data-loading overhead; issue 5 asked for 5%.
+OVERHEAD_MARK = 0.03
+ISSUE_5_OVERHEAD_MARK = 0.05
+# Our step against torchvision's reference loop on the same batches: not slower.
+REFERENCE_MARK = 1.0
 SOURCE_WARMUP_STEPS = 3
+REFERENCE = "memory, torchvision's loop"
+# Trainer.fit reads its LossWindow back (one .item() per loss) every log_every steps: its default.
+LOG_EVERY = 20
+# The reference's SmoothedValue keeps this many recent values (torchvision's default).
+METER_WINDOW = 20
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,6 +113,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", choices=("v1", "v2"), default="v1")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
     parser.add_argument("--no-gpu-decode", action="store_true", help="skip the nvJPEG source")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip torchvision's train_one_epoch loop"
+    )
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny run on the CPU")
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -104,9 +135,67 @@ class Tally:
     block_rates: list[float] = field(default_factory=list)  # steps/s of each block
 
 
-def run_steps(trainer: Trainer, batches, steps: int, device: torch.device, tally=None) -> None:
-    """``steps`` training steps; timed into ``tally`` when given, the GPU synchronised at both
-    ends so that the block's time is the GPU's too."""
+class FitLoop:
+    """What ``Trainer.fit`` does with a step's losses: kept on the GPU in a ``LossWindow``,
+    read back once every ``LOG_EVERY`` steps."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.window = LossWindow()
+
+    def __call__(self, images: list[torch.Tensor], targets: list[dict]) -> None:
+        self.window.add(self.trainer.train_step(images, targets), len(images), 0.0)
+        if self.window.steps == LOG_EVERY:
+            self.window.means()
+            self.window = LossWindow()
+
+
+class ReferenceLoop:
+    """The body of torchvision's reference ``train_one_epoch`` (references/detection/engine.py),
+    restated on the trainer's model, optimizer, scaler and schedule: the same work per step,
+    its host synchronisations included (the total's ``.item()``, then one per loss for the
+    meters). One process, so its ``reduce_dict`` returns the losses as they are."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.meters: dict[str, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=METER_WINDOW)
+        )
+        self.totals: dict[str, float] = collections.defaultdict(float)
+
+    def _update(self, **values: float | torch.Tensor) -> None:
+        """``MetricLogger.update``: each tensor ``.item()``-ed into its smoothed value."""
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].append(value)
+            self.totals[name] += value
+
+    def __call__(self, images: list[torch.Tensor], targets: list[dict]) -> None:
+        trainer = self.trainer
+        model, optimizer, scaler = trainer.forward_model, trainer.optimizer, trainer.scaler
+        model.train()
+        with trainer.precision.autocast():
+            loss_dict = model(images, targets)
+            losses = sum(loss for loss in loss_dict.values())
+        loss_value = losses.item()
+        if not math.isfinite(loss_value):
+            raise SystemExit(f"reference loop: loss is {loss_value}")
+        optimizer.zero_grad()
+        scaler.scale(losses).backward()
+        if trainer.schedule.clip_grad is not None:  # not the reference's: see the docstring
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainer.params, trainer.schedule.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        trainer.scheduler.step()
+        self._update(loss=losses, **loss_dict)
+        self._update(lr=optimizer.param_groups[0]["lr"])
+
+
+def run_steps(step, batches, steps: int, device: torch.device, tally=None) -> None:
+    """``steps`` training steps by ``step(images, targets)``; timed into ``tally`` when given,
+    the GPU synchronised at both ends so that the block's time is the GPU's too."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started, cpu_started = time.perf_counter(), time.thread_time()
@@ -115,7 +204,7 @@ def run_steps(trainer: Trainer, batches, steps: int, device: torch.device, tally
         asked = time.perf_counter()
         images, targets = to_device(next(batches), device)
         waiting += time.perf_counter() - asked
-        trainer.train_step(images, targets)
+        step(images, targets)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if tally is not None:
@@ -173,6 +262,8 @@ def main() -> int:
         steps_per_epoch=10**6,
         lr=0.02 * args.batch_size / 16,
         warmup_steps=0,
+        # Random weights and no warm-up diverge unclipped within steps (seen on the CPU smoke
+        # run); both loops clip alike.
         clip_grad=10.0,
     )
     trainer = Trainer(model, schedule, precision, ranks)
@@ -182,21 +273,24 @@ def main() -> int:
     preloaded = [_on_device(next(stream), device) for _ in range(args.preload)]
     # Streams open at their first turn: a stream's workers then fill its prefetch queue and go
     # idle while the others are timed (the loader is many times faster than the GPU).
-    sources = {"shards": lambda: stream}
+    ours, reference = FitLoop(trainer), ReferenceLoop(trainer)
+    sources = {"shards": (lambda: stream, ours)}
     if not args.no_gpu_decode:
-        sources["shards, GPU decode"] = lambda: shard_stream(decode_images=False)
-    sources["memory"] = lambda: itertools.cycle(preloaded)
-    run_steps(trainer, stream, args.warmup, device)
+        sources["shards, GPU decode"] = (lambda: shard_stream(decode_images=False), ours)
+    sources["memory"] = (lambda: itertools.cycle(preloaded), ours)
+    if not args.no_reference:
+        sources[REFERENCE] = (lambda: itertools.cycle(preloaded), reference)
+    run_steps(ours, stream, args.warmup, device)
     streams, tallies = {}, {name: Tally() for name in sources}
     order = list(sources)
     for round_index in range(args.rounds):
         # Every other round in reverse order, so a drift in step cost weighs on all sources alike.
         for name in order if round_index % 2 == 0 else reversed(order):
-            open_stream = sources[name]
+            open_stream, step = sources[name]
             if name not in streams:
                 streams[name] = open_stream()
-                run_steps(trainer, streams[name], SOURCE_WARMUP_STEPS, device)
-            run_steps(trainer, streams[name], args.block, device, tallies[name])
+                run_steps(step, streams[name], SOURCE_WARMUP_STEPS, device)
+            run_steps(step, streams[name], args.block, device, tallies[name])
         print(
             "  round:",
             ", ".join(f"{n} {t.block_rates[-1] * args.batch_size:.1f}" for n, t in tallies.items()),
@@ -231,9 +325,23 @@ def main() -> int:
         )
     print(
         f"data-loading overhead: {overhead:.1%} (shards / memory = {1 - overhead:.3f}; "
-        f"rounds {min(per_round):.1%} to {max(per_round):.1%}; mark <= {OVERHEAD_MARK:.0%}): "
-        f"{verdict}"
+        f"rounds {min(per_round):.1%} to {max(per_round):.1%}; mark <= {OVERHEAD_MARK:.0%}, "
+        f"issue 5's <= {ISSUE_5_OVERHEAD_MARK:.0%}): {verdict}"
     )
+    if REFERENCE in tallies:
+        ratio = memory_ips / images_per_second(REFERENCE)
+        ratios = [
+            a / b
+            for a, b in zip(
+                tallies["memory"].block_rates, tallies[REFERENCE].block_rates, strict=True
+            )
+        ]
+        verdict = "PASS" if ratio >= REFERENCE_MARK else "FAIL"
+        print(
+            f"our step against torchvision's train_one_epoch loop, same batches, model and card: "
+            f"{ratio:.3f}x (rounds {min(ratios):.3f} to {max(ratios):.3f}; mark >= "
+            f"{REFERENCE_MARK:.1f}, not slower): {verdict}"
+        )
     return 0
 
 
