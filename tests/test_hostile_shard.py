@@ -160,14 +160,33 @@ def test_a_misbehaving_zip_server_leaves_shards_for_a_rerun(
     "path",
     ["/openimages/v5/train-annotations-object-segmentation.csv", "/openimages/v5/*classes*"],
 )
-def test_a_stalled_metadata_server_ends_the_run_in_one_line(fake_bucket, tmp_path, path, capsys):
-    """The CSV or class list stops mid-body: ``--read-timeout`` ends the run, not a hang."""
+def test_a_stalled_metadata_body_is_read_on_from_where_it_stopped(
+    fake_bucket, tmp_path, path, clean
+):
+    """The CSV or class list stops mid-body (half of every answer, then nothing): each stall
+    costs ``--read-timeout``, then the read goes on from the first byte it lacks, by a ranged
+    GET, and the run ends complete instead of hanging or starting the file again."""
     out = tmp_path / "out"
-    options = ["--read-timeout", "0.5", "--no-cache"]
+    options = ["--read-timeout", "0.3", "--no-cache"]
     with HostileServer(fake_bucket, misbehave={path: "stall"}) as server:
-        assert main(shard_argv(server.url, out, *options)) == 1
+        assert main(shard_argv(server.url, out, *options)) == 0
         stalled = [e for e in server.stats.log if fnmatch.fnmatchcase(e[1], path)]
-    assert stalled  # the stalled file was asked for
+    resumed = [e for e in stalled if e[0] == "GET" and e[2]]
+    assert resumed and all(e[2].startswith("bytes=") and e[2].endswith("-") for e in resumed)
+    assert manifest(out)["totals"] == clean["manifest"]["totals"]
+
+
+def test_a_metadata_server_failing_every_request_ends_the_run_in_one_line(
+    fake_bucket, tmp_path, capsys
+):
+    """503 for every request of the class list: tried as often as the fetcher tries a member,
+    then one line and exit 1, nothing written."""
+    out = tmp_path / "out"
+    path = "/openimages/v5/classes-segmentation.txt"
+    with HostileServer(fake_bucket, misbehave={path: "fail"}) as server:
+        assert main(shard_argv(server.url, out, "--no-cache")) == 1
+        asked = [e for e in server.stats.log if e[1] == path]
+    assert len(asked) >= 8
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "Traceback" not in error
     assert "cannot read" in error and "rerun" in error, error
