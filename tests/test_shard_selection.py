@@ -449,3 +449,17 @@ def test_a_resumed_read_answered_with_the_whole_object_fails_and_caches_nothing(
             file.read()
         assert proxy.stats.faults.get("truncate", 0) > 0
     assert not [p for p in cache_dir.rglob("*") if p.is_file()]
+
+
+def test_the_csv_is_opened_while_the_class_lists_are_read(s3, s3_env, tmp_path, monkeypatch):
+    """The CSV's HEAD needs nothing from the class lists: 200 ms away, it is answered before
+    the class list's GET (which follows that list's own HEAD), not after it."""
+    with FaultProxy(s3.endpoint_url, latency=0.2, keep_log=True) as proxy:
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint_url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        run_shard(_options(tmp_path, str(tmp_path / "out"), dry_run=True))
+        log = proxy.stats.log
+    answered = [(method, path) for method, path, *_ in log]
+    csv_head = answered.index(("HEAD", f"/openimages/{CSV_KEY}"))
+    class_get = answered.index(("GET", "/openimages/v5/classes-segmentation.txt"))
+    assert csv_head < class_get

@@ -19,9 +19,10 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -30,7 +31,7 @@ from oistream import sources
 from oistream.errors import OistreamError, one_line, storage_reason
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
 from oistream.sharding import annotations, catalog, executors
-from oistream.sharding.cache import MetadataCache, default_cache_dir
+from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
 from oistream.sharding.fetch import RetryPolicy
 from oistream.sharding.locate import MemberLocations, locate_members
 from oistream.sharding.options import DEFAULT_CACHE, ShardOptions, local_processes
@@ -172,32 +173,36 @@ def _plan_and_run(
 ) -> list[RunReport]:
     """``run_splits`` once its arguments are checked and its workers (if any) are starting."""
     cache = MetadataCache(_usable_cache_dir(options.cache))
-    whole_file_options = sources.with_read_timeout(
-        options.metadata,
-        sources.storage_options(options.metadata, options.endpoint_url),
-        options.read_timeout,
-    )
-    known = catalog.load_classes(
-        options.metadata, whole_file_options, cat=lambda url: cache.cat(url, whole_file_options)
-    )
-    queries = list(options.classes)
-    if options.expand_hierarchy:
-        queries = annotations.expanded_queries(
-            queries, known, options.metadata, whole_file_options, cache
+    whole_file_options = _whole_file_options(options)
+    # The first split's CSV is opened (its HEAD; over HTTP its GET too) while the class lists
+    # are read, which need the same round trips: they overlap instead of following each other.
+    first_bar = _csv_bar(options, splits[0])
+    first_csv = _OpenAhead(
+        lambda: cache.open(
+            sources.segmentation_csv_url(options.metadata, splits[0]),
+            whole_file_options,
+            progress=first_bar.update,
         )
-    selected = catalog.resolve_classes(queries, known)
-    class_stats = dataclasses.replace(cache.stats)
+    )
+    with contextlib.closing(first_csv):
+        known = catalog.load_classes(
+            options.metadata, whole_file_options, cat=lambda url: cache.cat(url, whole_file_options)
+        )
+        queries = list(options.classes)
+        if options.expand_hierarchy:
+            queries = annotations.expanded_queries(
+                queries, known, options.metadata, whole_file_options, cache
+            )
+        selected = catalog.resolve_classes(queries, known)
 
-    prepared = []
-    for split in splits:
-        out = options.out if len(splits) == 1 else sources.join(options.out, split)
-        one = dataclasses.replace(options, split=split, out=out)
-        prepared.append(_prepare(one, selected, cache))
-    # The class lists were read once for all splits: the first split's report counts them.
-    prepared[0].report.catalog_bytes += class_stats.fetched_bytes
-    prepared[0].report.cached_bytes += class_stats.cached_bytes
-    prepared[0].report.bytes_requested += class_stats.fetched_bytes
-    prepared[0].report.requests += class_stats.heads
+        prepared = []
+        for index, split in enumerate(splits):
+            out = options.out if len(splits) == 1 else sources.join(options.out, split)
+            one = dataclasses.replace(options, split=split, out=out)
+            # The class lists were read once for all splits: the first split's report counts
+            # them, with everything else the cache did from the start.
+            first = {"csv": first_csv, "bar": first_bar, "counted_from": CacheStats()}
+            prepared.append(_prepare(one, selected, cache, **(first if index == 0 else {})))
 
     if options.dry_run:
         for item in prepared:
@@ -285,15 +290,56 @@ def _warn(report: RunReport, message: str) -> None:
     print(f"oistream shard: warning: {message}", file=sys.stderr)
 
 
-def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCache) -> _Prepared:
-    """Plan one split and run every check that can fail before fetching; write nothing."""
+def _whole_file_options(o: ShardOptions) -> dict[str, Any]:
+    """What this process reads whole (CSVs, class lists) gives up on a stalled server."""
+    metadata_options = sources.storage_options(o.metadata, o.endpoint_url)
+    return sources.with_read_timeout(o.metadata, metadata_options, o.read_timeout)
+
+
+def _csv_bar(o: ShardOptions, split: str) -> _Bar:
+    return _Bar(o.show_progress, desc=f"read {split} CSV", unit="B", unit_scale=True)
+
+
+class _OpenAhead:
+    """``open_file()`` started on a thread at once; ``take()`` hands its file over (or raises
+    what opening raised), once. A file never taken is closed by ``close()``."""
+
+    def __init__(self, open_file: Callable[[], BinaryIO]) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-ahead")
+        self._future = self._pool.submit(open_file)
+        self._taken = False
+
+    def take(self) -> BinaryIO:
+        self._taken = True
+        return self._future.result()
+
+    def close(self) -> None:
+        if not self._taken:
+            with contextlib.suppress(Exception):
+                self._future.result().close()
+        self._pool.shutdown(wait=False)
+
+
+def _prepare(
+    o: ShardOptions,
+    selected: list[catalog.OIClass],
+    cache: MetadataCache,
+    *,
+    csv: _OpenAhead | None = None,
+    bar: _Bar | None = None,
+    counted_from: CacheStats | None = None,
+) -> _Prepared:
+    """Plan one split and run every check that can fail before fetching; write nothing.
+
+    ``csv`` is this split's CSV already being opened (with its progress ``bar``);
+    ``counted_from`` the cache's counts this split's report starts from (default: now).
+    """
     split, out = o.split, o.out
     images_options = sources.storage_options(o.images, o.endpoint_url)
     metadata_options = sources.storage_options(o.metadata, o.endpoint_url)
-    # What this process reads whole (CSVs, class lists) gives up on a stalled server.
-    whole_file_options = sources.with_read_timeout(o.metadata, metadata_options, o.read_timeout)
+    whole_file_options = _whole_file_options(o)
     out_options = sources.storage_options(out, o.endpoint_url)
-    before = dataclasses.replace(cache.stats)
+    before = counted_from if counted_from is not None else dataclasses.replace(cache.stats)
 
     wanted_ids = None
     if o.image_ids is not None:
@@ -302,17 +348,21 @@ def _prepare(o: ShardOptions, selected: list[catalog.OIClass], cache: MetadataCa
             o.image_ids, sources.with_read_timeout(o.image_ids, ids_options, o.read_timeout), split
         )
     csv_url = sources.segmentation_csv_url(o.metadata, split)
-    bar = _Bar(o.show_progress, desc=f"read {split} CSV", unit="B", unit_scale=True)
+    if csv is None:
+        bar = _csv_bar(o, split)
+        csv = _OpenAhead(lambda: cache.open(csv_url, whole_file_options, progress=bar.update))
+    assert bar is not None
     try:
         table = catalog.read_segmentations(
             csv_url,
             [c.mid for c in selected],
             whole_file_options,
-            opener=lambda: cache.open(csv_url, whole_file_options, progress=bar.update),
+            opener=csv.take,
             # Only the rows of images this selection can take are kept: memory follows it.
             selection=catalog.Selection(o.per_class, o.max_images, o.seed, wanted_ids),
         )
     finally:
+        csv.close()
         bar.close()
     extra = None
     if wanted_ids is not None:
