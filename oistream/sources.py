@@ -157,7 +157,8 @@ def reading_location(url: str, options: dict[str, Any]) -> tuple[str, dict[str, 
     An unsigned S3 GET is an ordinary HTTP request. fsspec's HTTP filesystem (aiohttp) spends
     about a fifth of the CPU per request that s3fs/aiobotocore does (0.13 ms against 0.70 ms
     here), and with hundreds of requests in flight that CPU is the bottleneck. Signed access
-    (credentials present) stays on s3fs.
+    (credentials present) stays on s3fs. A read time-out in ``options`` (``with_read_timeout``)
+    is kept.
     """
     protocol, path = fsspec.core.split_protocol(url)
     if protocol not in ("s3", "s3a") or not options.get("anon"):
@@ -166,7 +167,12 @@ def reading_location(url: str, options: dict[str, Any]) -> tuple[str, dict[str, 
     endpoint = options.get("endpoint_url")
     # Path style on a custom endpoint (moto, MinIO, nginx); virtual-host style on AWS itself.
     base = f"{endpoint.rstrip('/')}/{bucket}" if endpoint else f"https://{bucket}.s3.amazonaws.com"
-    return (join(base, key) if key else base), {"get_client": http_client}
+    http_url = join(base, key) if key else base
+    read_options: dict[str, Any] = {"get_client": http_client}
+    seconds = options.get("config_kwargs", {}).get("read_timeout")
+    if seconds is not None:
+        read_options = with_read_timeout(http_url, read_options, seconds)
+    return http_url, read_options
 
 
 def join(root: str, *parts: str) -> str:

@@ -634,12 +634,13 @@ def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) ->
     """Stop at once, with one line, when the images root is wrong or unreachable.
 
     A single missing image is a per-sample failure; three planned images all missing, or any
-    error other than not-found, means the root itself is wrong.
+    error other than not-found, means the root itself is wrong. Anonymous S3 is asked by plain
+    HTTP, as the shard jobs will ask it (an s3fs client costs ~0.1 s to make).
     """
-    fs, _ = sources.filesystem(images, options)
+    fs, _ = sources.filesystem(*sources.reading_location(images, options))
     first_ids = plan.image_ids()[:3]
     for image_id in first_ids:
-        url = sources.image_url(images, plan.split, image_id)
+        url = sources.reading_location(sources.image_url(images, plan.split, image_id), options)[0]
         try:
             fs.info(url)
             return
