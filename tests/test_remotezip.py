@@ -522,3 +522,34 @@ def test_coalescing_covers_every_member_within_the_byte_bound(
 def test_tail_request_covers_the_longest_comment_and_zip64_records() -> None:
     assert TAIL_BYTES >= 22 + 65_535 + 20 + 56
     assert LOCAL_EXTRA_MARGIN < 46 + 1 + 22  # never past the end of the zip
+
+
+def test_a_byte_budget_holds_at_most_its_limit_and_lets_an_oversized_request_go_alone():
+    import asyncio
+
+    from oistream.sharding.remotezip import ByteBudget
+
+    async def scenario() -> tuple[int, list[int]]:
+        budget = ByteBudget(100)
+        held, peaks = 0, []
+        release = asyncio.Event()
+
+        async def take(nbytes: int) -> None:
+            nonlocal held
+            async with budget.hold(nbytes):
+                held += min(nbytes, 100)
+                peaks.append(held)
+                await release.wait()
+                held -= min(nbytes, 100)
+
+        tasks = [asyncio.create_task(take(n)) for n in (60, 30, 40, 500)]
+        for _ in range(5):
+            await asyncio.sleep(0)  # let every task ask; those that fit now get in
+        in_at_first = len(peaks)
+        release.set()
+        await asyncio.gather(*tasks)
+        return in_at_first, peaks
+
+    in_at_first, peaks = asyncio.run(scenario())
+    assert in_at_first == 2  # 60 + 30 fit; 40 would make 130
+    assert max(peaks) <= 100 and len(peaks) == 4  # the 500-byte request went, alone

@@ -31,7 +31,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +133,7 @@ async def read_central_directory(
     wanted: Collection[str] | None = None,
     cache: CentralDirectoryCache | None = None,
     etag: str | None = None,
+    budget: ByteBudget | None = None,
 ) -> dict[str, ZipMember]:
     """The members of the zip at ``path``, by name, read with two or three range requests.
 
@@ -144,7 +145,8 @@ async def read_central_directory(
     ``wanted`` keeps only those names (a train zip's full directory is ~30 MB of Python
     objects). With a ``cache`` the object's size and ETag are looked up (one HEAD) and a cached
     directory is used when both match; otherwise the directory is read and stored. ``etag``
-    (with ``size``, from the caller's own HEAD) saves that HEAD; every read pins it.
+    (with ``size``, from the caller's own HEAD) saves that HEAD; every read pins it. With a
+    ``budget``, the directory's bytes are fetched only while the budget holds them.
     """
     if size is None or (cache is not None and etag is None):
         info = await fetcher.info(fs, path)
@@ -182,12 +184,12 @@ async def read_central_directory(
         )
     if cd_start >= tail_start:
         directory_bytes = tail[cd_start - tail_start : cd_end - tail_start]
-    elif cd_end > tail_start:
-        # The tail already holds the directory's last part: fetch only what comes before it.
-        head = await _fetch_chunked(fetcher, fs, path, cd_start, tail_start - cd_start, pin)
-        directory_bytes = head + tail[: cd_end - tail_start]
     else:
-        directory_bytes = await _fetch_chunked(fetcher, fs, path, cd_start, cd_size, pin)
+        # The tail may already hold the directory's last part: fetch only what comes before.
+        fetched = min(tail_start, cd_end) - cd_start
+        async with budget.hold(fetched) if budget is not None else contextlib.nullcontext():
+            head = await _fetch_chunked(fetcher, fs, path, cd_start, fetched, pin)
+        directory_bytes = head + tail[: max(0, cd_end - tail_start)]
     del tail
 
     # Parsed (every entry walked and checked) before it is cached: a bad zip is never stored.
@@ -195,6 +197,29 @@ async def read_central_directory(
     if cache is not None and etag is not None:
         cache.put(_cache_url(fs, path), size, etag, directory_bytes, entries, concat)
     return members
+
+
+class ByteBudget:
+    """At most ``limit`` bytes held at once by ``hold(nbytes)`` blocks (asyncio); a request
+    larger than the whole budget waits until it is alone, then goes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        nbytes = min(nbytes, self.limit)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._held + nbytes <= self.limit)
+            self._held += nbytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._held -= nbytes
+                self._changed.notify_all()
 
 
 def check_member_bounds(

@@ -407,24 +407,31 @@ def _prepare(
 
     located = None
     if todo:
-        _check_images_reachable(
-            plan, o.images, sources.with_read_timeout(o.images, images_options, o.read_timeout)
-        )
         metadata_read, metadata_read_options = sources.reading_location(
             o.metadata, metadata_options
         )
         bar = _Bar(o.show_progress, desc=f"{split} zip directories", unit="zip")
-        try:
-            located = locate_members(
+        # The images' root is checked while the directories are read: its round trip needs
+        # nothing of theirs. Its failure is raised once they are read (and cached, if caching).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="images-check") as pool:
+            reachable = pool.submit(
+                _check_images_reachable,
                 plan,
-                metadata_read,
-                metadata_read_options,
-                retry=_retry_policy(o),
-                cache=cache.zip_directories,
-                on_directory=lambda total: bar.update(1, total),
+                o.images,
+                sources.with_read_timeout(o.images, images_options, o.read_timeout),
             )
-        finally:
-            bar.close()
+            try:
+                located = locate_members(
+                    plan,
+                    metadata_read,
+                    metadata_read_options,
+                    retry=_retry_policy(o),
+                    cache=cache.zip_directories,
+                    on_directory=lambda total: bar.update(1, total),
+                )
+            finally:
+                bar.close()
+            reachable.result()
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
         report.requests += located.requests
