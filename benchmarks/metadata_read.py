@@ -7,8 +7,8 @@ served by nginx behind a proxy adding ``--latency`` to every request, and the CS
 ``oistream shard`` reads it (``catalog.read_segmentations``: streamed, filtered to Person and
 Car, bounded to ``--max-images``), through a first-run metadata cache, two ways:
 
-* ours: ``MetadataCache.open``, one HEAD and one streamed GET (resumed by a ranged GET where a
-  body breaks off);
+* ours: ``MetadataCache.open``, one streamed GET (resumed by a ranged GET where a body breaks
+  off; no HEAD first, as nothing is cached to validate);
 * baseline: the file fsspec's HTTP filesystem opens (``fs.open(path, "rb", size=...)``: its
   random-access file, reading by ranges of its block size with read-ahead), as the cache did
   before it streamed.

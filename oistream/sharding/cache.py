@@ -38,9 +38,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from fsspec.asyn import sync
+
 from oistream import sources
 from oistream.errors import OistreamError, one_line
-from oistream.sharding.fetch import RetryPolicy, classify_error, http_status_and_code
+from oistream.sharding.fetch import (
+    HttpRequest,
+    RetryPolicy,
+    classify_error,
+    http_status_and_code,
+)
+from oistream.sharding.options import DEFAULT_READ_TIMEOUT
 from oistream.sharding.remotezip import CentralDirectoryCache, pinned_etag
 
 FILES_FOLDER = "files"
@@ -89,10 +97,7 @@ def _open_sized(fs: Any, path: str, info: dict[str, Any]) -> BinaryIO:
     size = info.get("size")
     if "http" in _protocols(fs):
         _, etag = version_of(info)
-        body = _ResumableBody(fs, path, int(size) if size else None, pinned_etag(etag))
-        # fsspec's streamed file returns whatever has arrived (often 64 kB) from read(n); the
-        # buffer turns that back into n bytes unless the body ends first, as callers expect.
-        return io.BufferedReader(body, _STREAM_BUFFER_BYTES)
+        return _buffered(_ResumableBody(fs, path, int(size) if size else None, etag))
     if size is None:
         return fs.open(path, "rb")
     return fs.open(path, "rb", size=int(size))
@@ -100,6 +105,14 @@ def _open_sized(fs: Any, path: str, info: dict[str, Any]) -> BinaryIO:
 
 # What a streamed HTTP body is read ahead by: a few of aiohttp's pieces.
 _STREAM_BUFFER_BYTES = 1 << 20
+
+
+def _buffered(body: _ResumableBody) -> BinaryIO:
+    """aiohttp hands out whatever has arrived (often 64 kB) from read(n); the buffer turns that
+    back into n bytes unless the body ends first, as callers expect."""
+    return io.BufferedReader(body, _STREAM_BUFFER_BYTES)  # type: ignore[return-value]
+
+
 # fsspec's HTTP filesystem retries nothing: whole-file reads and HEADs over HTTP get the
 # fetcher's policy (s3fs retries on its own, and a second layer would multiply its attempts).
 _RETRY = RetryPolicy()
@@ -158,18 +171,27 @@ class _ResumableBody(io.RawIOBase):
 
     A transient failure (a 5xx answer, a reset connection, a body cut short, a stall past the
     read time-out) reopens the stream at the first byte not read yet, with ``Range`` and, when
-    the HEAD gave an ETag, ``If-Match``, after the fetcher's jittered back-off: a 0.8 GB CSV is
-    not read again from its start because a connection dropped. ``_RETRY.attempts`` failures
-    in a row without a byte between them end the read, and so does the ``_MAX_RESUMES``-th
-    failure in all (a server that drips a few bytes per connection would otherwise hold the
-    run for ever). A resumed request answered with anything but those bytes (the whole object,
-    another range) fails it: ``_ResumeRefused``.
+    the object's ETag is known (from a HEAD, or from the first answer), ``If-Match``, after the
+    fetcher's jittered back-off: a 0.8 GB CSV is not read again from its start because a
+    connection dropped. ``_RETRY.attempts`` failures in a row without a byte between them end
+    the read, and so does the ``_MAX_RESUMES``-th failure in all (a server that drips a few
+    bytes per connection would otherwise hold the run for ever). A resumed request answered
+    with anything but those bytes (the whole object, another range) fails it:
+    ``_ResumeRefused``. Requests go through the filesystem's session, redirects only to the
+    same host (``fetch.HttpRequest``). 404 is ``FileNotFoundError``; 403, which anonymous S3
+    answers for a key that does not exist, ``PermissionError``.
     """
 
-    def __init__(self, fs: Any, path: str, size: int | None, etag: str | None) -> None:
-        self._fs, self._path, self._size, self._etag = fs, path, size, etag
+    def __init__(
+        self, fs: Any, path: str, size: int | None = None, etag: str | None = None
+    ) -> None:
+        self._fs, self._path, self._size = fs, path, size
+        self._etag = pinned_etag(etag)
+        timeout = getattr(fs, "client_kwargs", {}).get("timeout")
+        self._read_timeout = getattr(timeout, "sock_read", None) or DEFAULT_READ_TIMEOUT
         self._position = 0
-        self._stream: Any = None
+        self._request: HttpRequest | None = None
+        self._response: Any = None
         self._failures = 0  # in a row, without a byte between them
         self._resumes = 0  # failures in all
         self._rng = random.Random()
@@ -177,41 +199,64 @@ class _ResumableBody(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def _open(self) -> Any:
+    def start(self) -> tuple[int | None, str | None]:
+        """Send the GET (retried like any read) and return the object's (size, ETag) from its
+        answer's headers, as a HEAD would have given them."""
+        self._call(lambda: None)
+        return self._size, self._etag
+
+    def _open(self) -> None:
         headers = {}
         if self._position:
             headers["Range"] = f"bytes={self._position}-"
         if self._etag:
             headers["If-Match"] = self._etag
-        sized = {"size": self._size} if self._size else {}  # else fsspec sends its own HEAD
-        stream = self._fs.open(self._path, "rb", block_size=0, headers=headers, **sized)
-        answer = getattr(stream, "r", None)  # fsspec's aiohttp response
-        if self._position and answer is not None:
-            content_range = answer.headers.get("Content-Range", "")
-            if answer.status != 206 or not content_range.startswith(f"bytes {self._position}-"):
-                stream.close()
+        request = HttpRequest(self._fs, "GET", self._path, headers, self._read_timeout)
+        response = sync(self._fs.loop, request.__aenter__)
+        self._request, self._response = request, response
+        if response.status == 404:
+            raise FileNotFoundError(self._path)
+        if response.status == 403:
+            raise PermissionError(f"403 Forbidden: {self._path}")
+        response.raise_for_status()
+        if self._position:
+            content_range = response.headers.get("Content-Range", "")
+            if response.status != 206 or not content_range.startswith(f"bytes {self._position}-"):
                 raise _ResumeRefused(
                     f"{self._path}: asked for bytes {self._position}- to resume, got "
-                    f"{answer.status} {content_range or '(no Content-Range)'}"
+                    f"{response.status} {content_range or '(no Content-Range)'}"
                 )
-        return stream
+        elif self._size is None:
+            length = response.headers.get("Content-Length")
+            self._size = int(length) if length is not None else None
+        if self._etag is None:
+            self._etag = pinned_etag(response.headers.get("ETag"))
 
-    def readinto(self, buffer: Any) -> int:
+    def _call(self, step: Callable[[], bytes | None]) -> bytes | None:
+        """``step()`` on an open stream, reopened after each transient failure."""
         while True:
             try:
-                if self._stream is None:
-                    self._stream = self._open()
-                data = self._stream.read(len(buffer))
-                if not data and self._size is not None and self._position < self._size:
-                    raise _CutShort(f"body ended at byte {self._position} of {self._size}")
-                break
+                if self._response is None:
+                    self._open()
+                return step()
             except Exception as error:
                 self._close_stream()
+                if isinstance(error, _ResumeRefused):
+                    raise
                 self._failures += 1
                 self._resumes += 1
                 if self._resumes >= _MAX_RESUMES and classify_error(error) == "transient":
                     raise _gave_up(error, f"{self._resumes} times in one read") from error
                 _retry_or_raise(error, self._failures, self._rng)
+
+    def _read_some(self, count: int) -> bytes:
+        data = sync(self._fs.loop, self._response.content.read, count)
+        if not data and self._size is not None and self._position < self._size:
+            raise _CutShort(f"body ended at byte {self._position} of {self._size}")
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._call(lambda: self._read_some(len(buffer))) or b""
         if data:
             self._failures = 0
         buffer[: len(data)] = data
@@ -219,10 +264,10 @@ class _ResumableBody(io.RawIOBase):
         return len(data)
 
     def _close_stream(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
+        request, self._request, self._response = self._request, None, None
+        if request is not None:
             with contextlib.suppress(Exception):
-                stream.close()
+                sync(self._fs.loop, request.__aexit__, None, None, None)
 
     def close(self) -> None:
         self._close_stream()
@@ -275,7 +320,8 @@ class MetadataCache:
         progress: Callable[[int, int], None] | None = None,
     ) -> BinaryIO:
         """A binary file over ``url``'s bytes: the cached copy if its size and ETag still match
-        one HEAD, else the source, copied into the cache as it is read.
+        one HEAD, else the source, copied into the cache as it is read. Over HTTP, a URL of
+        which nothing is cached is read without a HEAD: the GET's answer names the copy.
 
         ``progress(nbytes, total)`` is called as bytes are read (total 0 when unknown). Errors
         of the storage layer propagate as the filesystem raised them (FileNotFoundError, ...).
@@ -284,8 +330,20 @@ class MetadataCache:
         against 0.44 s, 100 ms away). The cache knows them by ``url``.
         """
         fs, path = sources.filesystem(*sources.reading_location(url, options or {}))
+        key = cache_key(url, options)
+        if "http" in _protocols(fs) and (self.directory is None or not self._versions(key)):
+            # Nothing to validate against: no HEAD. The GET's own headers give the size and
+            # ETag that name the copy (one round trip less, before the class lists' and the
+            # CSV's first byte).
+            body = _ResumableBody(fs, path)
+            size, etag = body.start()
+            counter = self._counter("fetched_bytes", progress, size)
+            if self.directory is None or size is None or etag is None:
+                return _CountingReader(_buffered(body), counter)
+            self._count("misses", 1)
+            return self._copying(_buffered(body), self._entry(key, size, etag), size, counter)
         if self.directory is None:
-            remote = _open_sized(fs, path, {})
+            remote = fs.open(path, "rb")
             total = getattr(remote, "size", None)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, total))
         info = _head(fs, path)
@@ -294,7 +352,7 @@ class MetadataCache:
         if etag is None:  # nothing to validate against: never cache it
             remote = _open_sized(fs, path, info)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, size))
-        entry = self._entry(cache_key(url, options), size, etag)
+        entry = self._entry(key, size, etag)
         try:
             local = open(entry, "rb")  # noqa: SIM115 (handed to the caller)
         except OSError:
@@ -306,11 +364,26 @@ class MetadataCache:
             local.close()  # not what it was stored as: fetch again
         self._count("misses", 1)
         remote = _open_sized(fs, path, info)
-        counter = self._counter("fetched_bytes", progress, size)
+        return self._copying(remote, entry, size, self._counter("fetched_bytes", progress, size))
+
+    @staticmethod
+    def _copying(
+        remote: BinaryIO, entry: str, size: int, counter: Callable[[int], None]
+    ) -> BinaryIO:
         try:
             return _CopyingReader(remote, entry, size, counter)
         except OSError:  # a cache folder we cannot write to costs speed, never the run
             return _CountingReader(remote, counter)
+
+    def _versions(self, key: str) -> list[str]:
+        """The cached copies of ``key``'s URL, whatever their size and ETag."""
+        url_part = os.path.basename(self._entry(key, 0, "")).split("-")[0]
+        folder = os.path.join(self.directory or "", FILES_FOLDER)
+        return [
+            path
+            for path in glob.glob(os.path.join(folder, f"{url_part}-*"))
+            if not path.endswith(".partial")
+        ]
 
     def _count(self, field: str, amount: int) -> None:
         with self._stats_lock:

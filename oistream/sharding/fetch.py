@@ -558,7 +558,7 @@ class Fetcher:
     def _http_open(self, fs: Any, method: str, path: str, headers: dict[str, str]) -> Any:
         if httpclient.usable_for(fs):
             return _LeanRequest(fs, method, path, headers, self.retry.read_timeout)
-        return _HttpRequest(fs, method, path, headers, self.retry.read_timeout)
+        return HttpRequest(fs, method, path, headers, self.retry.read_timeout)
 
     async def _check_length(
         self, fs: Any, path: str, start: int, expected: int, data: bytes
@@ -658,7 +658,7 @@ class _Answer:
     headers: dict[str, str]
 
 
-class _HttpRequest:
+class HttpRequest:
     """One HTTP request through an fsspec HTTP filesystem's session, following redirects only
     to the same scheme, host and port; yields the response.
 
@@ -716,8 +716,8 @@ class _HttpRequest:
             self.response.release()
 
 
-class _LeanRequest(_HttpRequest):
-    """``_HttpRequest`` through ``httpclient``'s connection pool instead of aiohttp's session:
+class _LeanRequest(HttpRequest):
+    """``HttpRequest`` through ``httpclient``'s connection pool instead of aiohttp's session:
     the same headers, redirect rule and inactivity time-out, a fraction of the CPU."""
 
     async def __aenter__(self) -> Any:
