@@ -6,7 +6,9 @@ ETag (a local file's mtime stands in for the ETag), and the entry is used only w
 what it was stored under; otherwise the object is fetched again and the entry replaced. Entries
 are written to a temporary name and renamed into place, so a killed run or a concurrent one
 never leaves or sees half an entry. A second run on the same split therefore costs one HEAD per
-file and moves no metadata body bytes.
+file and moves no metadata body bytes. Over HTTP (anonymous S3 included) a file of which no
+copy is kept is not HEADed first: its GET's answer gives the size and ETag the copy is kept
+under, and the GET is one stream, resumed by ranged GETs where it breaks off.
 
 Why not fsspec's ``simplecache``/``filecache``: ``simplecache`` never revalidates, and
 ``filecache(check_files=True)`` compares ``fs.ukey(path)``, which fsspec's HTTP filesystem (the
@@ -163,7 +165,7 @@ class _ResumeRefused(Exception):
 
 
 class _CutShort(ConnectionError):
-    """The body ended before the size the HEAD announced (transient: read on from there)."""
+    """The body ended before its announced size (transient: read on from there)."""
 
 
 class _ResumableBody(io.RawIOBase):
