@@ -19,7 +19,14 @@ from PIL import Image
 
 from oistream import headers, sources
 from oistream.format import progress_name
-from oistream.sharding.fetch import Fetcher, MissingObject, ObjectTooLarge, RetryPolicy
+from oistream.sharding.fetch import (
+    Fetcher,
+    FetchError,
+    FetchStats,
+    MissingObject,
+    ObjectTooLarge,
+    RetryPolicy,
+)
 from oistream.sharding.options import (
     DEFAULT_ATTEMPT_TIMEOUT,
     DEFAULT_CONCURRENCY,
@@ -63,6 +70,8 @@ class ShardTask:
     zip_transient: dict[str, str] = field(default_factory=dict)
     # zip prefix -> (size, ETag) its directory was read under
     zip_objects: dict[str, tuple[int, str | None]] = field(default_factory=dict)
+    # image_id -> the image's bytes, fetched ahead (``prefetch_images``); the job fetches the rest
+    images: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -256,7 +265,10 @@ async def _fetch_sample(
     zip_path = metadata_fs._strip_protocol(
         sources.mask_zip_url(context.metadata_root, context.split, sample.image_id[0])
     )
-    image_request = _fetch_image(fetcher, images_fs, image_path)
+    prefetched = task.images.pop(sample.image_id, None)
+    image_request = (
+        _fetch_image(fetcher, images_fs, image_path) if prefetched is None else _given(prefetched)
+    )
     size, etag = task.zip_objects.get(prefix, (None, None))
     masks_request = fetch_members(
         fetcher,
@@ -282,6 +294,54 @@ async def _fetch_sample(
         fields[field_name] = data
     fields["json"] = sample.record_json(context.split, width, height)
     return fields
+
+
+async def _given(data: bytes) -> bytes:
+    return data
+
+
+async def prefetch_images(
+    image_ids: list[str],
+    images_root: str,
+    split: str,
+    options: dict[str, Any],
+    concurrency: int,
+    budget_bytes: int,
+    retry: RetryPolicy,
+) -> tuple[dict[str, bytes], FetchStats]:
+    """The first of ``image_ids`` (in their order) fetched ahead of their shard's job, up to
+    about ``budget_bytes``, with ``concurrency`` requests in flight; and the fetcher's counts.
+
+    Run while the zips' directories are read, when this process builds the one shard itself:
+    the images need nothing from the directories. An image that fails is left out; the job
+    then fetches it and judges the failure as it would have.
+    """
+    fs = await sources.open_async_filesystem(images_root, options)
+    fetcher = Fetcher(concurrency=concurrency, retry=retry)
+    kept: dict[str, bytes] = {}
+    held = 0
+    waiting = iter(image_ids)
+
+    async def fetch_in_turn() -> None:
+        nonlocal held
+        # Each worker checks the budget before its next request: at most `concurrency` bodies
+        # beyond it arrive.
+        for image_id in waiting:
+            if held >= budget_bytes:
+                return
+            path = fs._strip_protocol(sources.image_url(images_root, split, image_id))
+            try:
+                data = await fetcher.cat(fs, path)
+            except (FetchError, OSError):
+                continue
+            kept[image_id] = data
+            held += len(data)
+
+    try:
+        await asyncio.gather(*(fetch_in_turn() for _ in range(concurrency)))
+    finally:
+        await sources.close_async_filesystem(fs)
+    return kept, fetcher.stats
 
 
 async def _fetch_image(fetcher: Fetcher, fs: Any, path: str) -> bytes:
