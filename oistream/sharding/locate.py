@@ -47,7 +47,7 @@ class MemberLocations:
     bytes_requested: int = 0
 
 
-def locate_members(
+async def locate_members(
     plan: Plan,
     metadata_root: str,
     options: dict[str, Any],
@@ -58,35 +58,12 @@ def locate_members(
     cache: CentralDirectoryCache | None = None,
     on_directory: Callable[[int], None] | None = None,
 ) -> MemberLocations:
-    """``cache`` (or a folder, ``cache_dir``) keeps each directory on disk, keyed by the zip's
+    """Each planned mask's member in its zip, read on the running event loop (beside other
+    work on it: a small run's images).
+
+    ``cache`` (or a folder, ``cache_dir``) keeps each directory on disk, keyed by the zip's
     size and ETag: a rerun then costs one HEAD per zip instead of its whole directory.
     ``on_directory(total)`` is called as each zip's directory is done (a progress bar)."""
-    return asyncio.run(
-        locate_members_async(
-            plan,
-            metadata_root,
-            options,
-            concurrency,
-            cache_dir,
-            retry,
-            cache=cache,
-            on_directory=on_directory,
-        )
-    )
-
-
-async def locate_members_async(
-    plan: Plan,
-    metadata_root: str,
-    options: dict[str, Any],
-    concurrency: int = 64,
-    cache_dir: str | None = None,
-    retry: RetryPolicy | None = None,
-    *,
-    cache: CentralDirectoryCache | None = None,
-    on_directory: Callable[[int], None] | None = None,
-) -> MemberLocations:
-    """``locate_members`` on the running event loop (beside other work on it)."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for mask_path in plan.mask_paths():
         # MaskPath starts with the ImageID, whose first hex digit names the zip.

@@ -34,7 +34,7 @@ from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress
 from oistream.sharding import annotations, catalog, executors
 from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
 from oistream.sharding.fetch import FetchStats, RetryPolicy
-from oistream.sharding.locate import MemberLocations, locate_members_async
+from oistream.sharding.locate import MemberLocations, locate_members
 from oistream.sharding.options import DEFAULT_CACHE, ShardOptions, local_processes
 from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.remotezip import coalesce
@@ -500,7 +500,7 @@ async def _locate_and_prefetch(
 ) -> tuple[MemberLocations, dict[str, bytes], FetchStats]:
     """The masks' places in their zips and, on the same loop, ``image_ids``' first images
     (``shardjob.prefetch_images``), the two sharing ``--concurrency``."""
-    located = locate_members_async(
+    located = locate_members(
         plan,
         metadata_root,
         metadata_options,
