@@ -474,3 +474,15 @@ def test_one_shard_built_here_fetches_its_images_while_the_directories_are_read(
     assert first["images"] - first["zip heads"] < latency
     assert folder_bytes(tmp_path / "ahead") == folder_bytes(tmp_path / "after")
     assert len(list((tmp_path / "ahead").glob("*.tar"))) == 1
+
+
+def test_the_shard_command_imports_pandas_only_when_it_needs_it() -> None:
+    """``import pandas`` is ~0.13 s: the shard command's modules leave it to first use (or to
+    the run's background import), so the first request goes out without waiting for it."""
+    code = (
+        "import sys, oistream.cli, oistream.sharding.run; "
+        "from oistream.sharding.lazypandas import pd; "
+        "before = 'pandas' in sys.modules; pd.DataFrame; "
+        "sys.exit(2 * before + ('pandas' not in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -17,11 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
-
 from oistream import sources
 from oistream.errors import OistreamError
 from oistream.sharding.catalog import OIClass, _read_line_blocks, _read_text
+from oistream.sharding.lazypandas import pd
 
 BOX_HEADER = (
     "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,"

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 
 from oistream import sources
 from oistream.errors import OistreamError, storage_reason
+from oistream.sharding.lazypandas import pd
 
 COLUMNS = (
     "MaskPath",

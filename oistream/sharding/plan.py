@@ -14,7 +14,6 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from oistream.format import mask_field, shard_name
 from oistream.sharding.catalog import (
@@ -27,6 +26,7 @@ from oistream.sharding.catalog import (
 from oistream.sharding.catalog import (
     hash_order_key as hash_order_key,  # defined by the catalog, which ranks while it reads
 )
+from oistream.sharding.lazypandas import pd
 from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
 from oistream.sharding.specs import SampleSpec, ShardSpec
 

@@ -31,7 +31,7 @@ import oistream
 from oistream import sources
 from oistream.errors import OistreamError, one_line, storage_reason
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
-from oistream.sharding import annotations, catalog, executors
+from oistream.sharding import annotations, catalog, executors, lazypandas
 from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
 from oistream.sharding.fetch import FetchStats, RetryPolicy
 from oistream.sharding.locate import MemberLocations, locate_members
@@ -150,6 +150,7 @@ def run_splits(options: ShardOptions) -> list[RunReport]:
         raise OistreamError(f"a split is named twice in {' '.join(splits)}")
     _check_executor(options)
     started = time.perf_counter()
+    lazypandas.import_in_background()  # the CSV's rows need it; the class lists come first
     with contextlib.ExitStack() as stack:
         workers = None
         processes = _local_processes(options)
