@@ -486,3 +486,35 @@ def test_the_shard_command_imports_pandas_only_when_it_needs_it() -> None:
         "sys.exit(2 * before + ('pandas' not in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_image_prefetch_keeps_to_its_budget_and_stops_at_the_first_failure(tmp_path):
+    """What a small run fetches ahead: images in order up to about its byte budget, and
+    nothing more once one fails (the shard job fetches the rest and judges the failure)."""
+    import asyncio
+
+    from oistream.sharding.fetch import RetryPolicy
+    from oistream.sharding.shardjob import prefetch_images
+    from oistream.testing.hostileserver import HostileServer
+
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    ids = [f"{i:016x}" for i in range(40)]
+    for image_id in ids:
+        (folder / f"{image_id}.jpg").write_bytes(image_id.encode() * 64)  # 1 kB each
+    retry = RetryPolicy(attempts=1)
+    with HostileServer(tmp_path) as server:
+        root = f"{server.url}/images"
+
+        def run(image_ids: list[str], concurrency: int, budget: int) -> dict[str, bytes]:
+            kept, _ = asyncio.run(
+                prefetch_images(image_ids, root, "train", {}, concurrency, budget, retry)
+            )
+            return kept
+
+        everything = run(ids, 4, 1 << 20)
+        bounded = run(ids, 1, 10 * 1024)
+        after_missing = run([*ids[:3], "f" * 16, *ids[3:]], 1, 1 << 20)  # "f..." is not there
+    assert everything == {i: (folder / f"{i}.jpg").read_bytes() for i in ids}
+    assert list(bounded) == ids[:10]  # one request at a time: it stops at the budget
+    assert list(after_missing) == ids[:3]

@@ -313,27 +313,30 @@ async def prefetch_images(
     about ``budget_bytes``, with ``concurrency`` requests in flight; and the fetcher's counts.
 
     Run while the zips' directories are read, when this process builds the one shard itself:
-    the images need nothing from the directories. An image that fails is left out; the job
-    then fetches it and judges the failure as it would have.
+    the images need nothing from the directories. The first image that fails ends the
+    prefetch (a throttling or wrong images root would otherwise cost its retries twice); the
+    job fetches what is left and judges each failure as it would have.
     """
     fs = await sources.open_async_filesystem(images_root, options)
     fetcher = Fetcher(concurrency=concurrency, retry=retry)
     kept: dict[str, bytes] = {}
     held = 0
+    failed = False
     waiting = iter(image_ids)
 
     async def fetch_in_turn() -> None:
-        nonlocal held
-        # Each worker checks the budget before its next request: at most `concurrency` bodies
-        # beyond it arrive.
+        nonlocal held, failed
+        # Each worker checks before its next request: at most `concurrency` bodies arrive
+        # beyond the budget, and none is asked for after a failure.
         for image_id in waiting:
-            if held >= budget_bytes:
+            if held >= budget_bytes or failed:
                 return
             path = fs._strip_protocol(sources.image_url(images_root, split, image_id))
             try:
                 data = await fetcher.cat(fs, path)
             except (FetchError, OSError):
-                continue
+                failed = True
+                return
             kept[image_id] = data
             held += len(data)
 
