@@ -518,3 +518,29 @@ def test_the_image_prefetch_keeps_to_its_budget_and_stops_at_the_first_failure(t
     assert everything == {i: (folder / f"{i}.jpg").read_bytes() for i in ids}
     assert list(bounded) == ids[:10]  # one request at a time: it stops at the budget
     assert list(after_missing) == ids[:3]
+
+
+@pytest.mark.timeout(30)  # a close() that waited for the open would hang here
+def test_a_csv_opened_ahead_and_never_used_is_closed_without_waiting_for_its_server():
+    """The CSV is opened while the class lists are read; when the run stops before using it
+    (an unknown class), stopping must not wait for a slow server, and the file, once open,
+    is closed all the same."""
+    import threading
+
+    from oistream.sharding.run import _OpenAhead
+
+    answer, closed = threading.Event(), threading.Event()
+
+    class Opened:
+        def close(self) -> None:
+            closed.set()
+
+    def open_slowly() -> Opened:
+        answer.wait()
+        return Opened()
+
+    ahead = _OpenAhead(open_slowly)
+    ahead.close()  # returns while the open is still waiting for its answer
+    assert not closed.is_set()
+    answer.set()
+    assert closed.wait(10)

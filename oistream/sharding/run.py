@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
@@ -330,7 +330,9 @@ def _csv_bar(o: ShardOptions, split: str) -> _Bar:
 
 class _OpenAhead:
     """``open_file()`` started on a thread at once; ``take()`` hands its file over (or raises
-    what opening raised), once. A file never taken is closed by ``close()``."""
+    what opening raised), once. A file never taken is closed by ``close()`` as soon as it is
+    open, without waiting for it: an unknown class is reported at once even while the CSV's
+    server is slow to answer."""
 
     def __init__(self, open_file: Callable[[], BinaryIO]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-ahead")
@@ -343,9 +345,14 @@ class _OpenAhead:
 
     def close(self) -> None:
         if not self._taken:
-            with contextlib.suppress(Exception):
-                self._future.result().close()
+            self._taken = True
+            self._future.add_done_callback(_close_opened)
         self._pool.shutdown(wait=False)
+
+
+def _close_opened(opened: Future[BinaryIO]) -> None:
+    if opened.exception() is None:
+        opened.result().close()
 
 
 def _prepare(
