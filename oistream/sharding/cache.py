@@ -49,6 +49,7 @@ from oistream.sharding.fetch import (
     RetryPolicy,
     classify_error,
     http_status_and_code,
+    is_http,
 )
 from oistream.sharding.options import DEFAULT_READ_TIMEOUT
 from oistream.sharding.remotezip import CentralDirectoryCache, pinned_etag
@@ -97,7 +98,7 @@ def _open_sized(fs: Any, path: str, info: dict[str, Any]) -> BinaryIO:
     0.44 at 100 ms).
     """
     size = info.get("size")
-    if "http" in _protocols(fs):
+    if is_http(fs):
         _, etag = version_of(info)
         return _buffered(_ResumableBody(fs, path, int(size) if size else None, etag))
     if size is None:
@@ -122,11 +123,6 @@ _RETRY = RetryPolicy()
 _MAX_RESUMES = 4 * _RETRY.attempts
 
 
-def _protocols(fs: Any) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
 def _retry_or_raise(error: Exception, failures: int, rng: random.Random) -> None:
     """Back off before another try after a transient failure; raise anything else, and give
     up (``_gave_up``) once ``_RETRY.attempts`` tries have failed in a row."""
@@ -148,7 +144,7 @@ def _gave_up(error: Exception, how_often: str) -> OistreamError:
 
 def _head(fs: Any, path: str) -> dict[str, Any]:
     """``fs.info(path)``, tried again after transient failures when ``fs`` is HTTP."""
-    if "http" not in _protocols(fs):
+    if not is_http(fs):
         return fs.info(path)
     rng = random.Random()
     failures = 0
@@ -333,7 +329,7 @@ class MetadataCache:
         """
         fs, path = sources.filesystem(*sources.reading_location(url, options or {}))
         key = cache_key(url, options)
-        if "http" in _protocols(fs) and (self.directory is None or not self._versions(key)):
+        if is_http(fs) and (self.directory is None or not _kept_copies(self._entry(key, 0, ""))):
             # Nothing to validate against: no HEAD. The GET's own headers give the size and
             # ETag that name the copy (one round trip less, before the class lists' and the
             # CSV's first byte).
@@ -376,16 +372,6 @@ class MetadataCache:
             return _CopyingReader(remote, entry, size, counter)
         except OSError:  # a cache folder we cannot write to costs speed, never the run
             return _CountingReader(remote, counter)
-
-    def _versions(self, key: str) -> list[str]:
-        """The cached copies of ``key``'s URL, whatever their size and ETag."""
-        url_part = os.path.basename(self._entry(key, 0, "")).split("-")[0]
-        folder = os.path.join(self.directory or "", FILES_FOLDER)
-        return [
-            path
-            for path in glob.glob(os.path.join(folder, f"{url_part}-*"))
-            if not path.endswith(".partial")
-        ]
 
     def _count(self, field: str, amount: int) -> None:
         with self._stats_lock:
@@ -488,9 +474,8 @@ class _CopyingReader(_CountingReader):
             return
         os.replace(self._temporary, self._entry)
         # Older versions of the same URL are dead weight (a train CSV is ~0.7 GB).
-        url_part = os.path.basename(self._entry).split("-")[0]
-        for old in glob.glob(os.path.join(os.path.dirname(self._entry), f"{url_part}-*")):
-            if old != self._entry and not old.endswith(".partial"):
+        for old in _kept_copies(self._entry):
+            if old != self._entry:
                 _remove(old)
 
     def close(self) -> None:
@@ -523,6 +508,17 @@ class _CountingDirectoryCache(CentralDirectoryCache):
         # A cache folder we cannot write to must not turn into "unreadable zip" failures.
         with contextlib.suppress(OSError):
             super().put(url, size, etag, *args)
+
+
+def _kept_copies(entry: str) -> list[str]:
+    """The complete copies kept beside ``entry`` (a name ``MetadataCache._entry`` made) for its
+    URL, whatever their size and ETag."""
+    url_part = os.path.basename(entry).split("-")[0]
+    return [
+        path
+        for path in glob.glob(os.path.join(os.path.dirname(entry), f"{url_part}-*"))
+        if not path.endswith(".partial")
+    ]
 
 
 def _remove(path: str) -> None:

@@ -330,7 +330,7 @@ def _is_s3(fs: Any) -> bool:
     return getattr(fs, "protocol", None) in (("s3", "s3a"), "s3", "s3a")
 
 
-def _is_http(fs: Any) -> bool:
+def is_http(fs: Any) -> bool:
     """fsspec's HTTP filesystem (anonymous S3 reads go through it, see sources.reading_location)."""
     protocol = getattr(fs, "protocol", None)
     protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol or ())
@@ -414,7 +414,7 @@ class Fetcher:
 
         async def attempt() -> bytes:
             plain = (start is None or start >= 0) and (end is None or end >= 0)
-            if _is_http(fs) and plain:
+            if is_http(fs) and plain:
                 data = await self._http_get(fs, path, start, end, if_match)
             elif _is_s3(fs) and plain and start is not None and end is not None:
                 data = await self._s3_get(fs, path, start, end, if_match)
@@ -436,7 +436,7 @@ class Fetcher:
         sole_retry_layer(fs)
 
         async def attempt() -> dict[str, Any]:
-            if _is_http(fs):
+            if is_http(fs):
                 return await self._http_head(fs, path)
             if getattr(fs, "async_impl", False):
                 return await fs._info(path)

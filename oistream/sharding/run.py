@@ -208,29 +208,23 @@ def _plan_and_run(
             )
         selected = catalog.resolve_classes(queries, known)
 
+        # The images are held until the shard is built: only for a run of one split whose
+        # shard this process builds, which follows at once.
+        prefetch = (
+            workers is None
+            and options.executor == "local"
+            and not options.dry_run
+            and len(splits) == 1
+        )
+        # The class lists were read once for all splits: the first split's report counts
+        # them, with everything else the cache did from the start.
+        first = {"csv": first_csv, "bar": first_bar, "counted_from": CacheStats()}
         prepared = []
         for index, split in enumerate(splits):
             out = options.out if len(splits) == 1 else sources.join(options.out, split)
             one = dataclasses.replace(options, split=split, out=out)
-            # The class lists were read once for all splits: the first split's report counts
-            # them, with everything else the cache did from the start.
-            first = {"csv": first_csv, "bar": first_bar, "counted_from": CacheStats()}
-            prepared.append(
-                _prepare(
-                    one,
-                    selected,
-                    cache,
-                    # The images are held until the shard is built: only for a run of one
-                    # split whose shard this process builds, which follows at once.
-                    prefetch=(
-                        workers is None
-                        and options.executor == "local"
-                        and not options.dry_run
-                        and len(splits) == 1
-                    ),
-                    **(first if index == 0 else {}),
-                )
-            )
+            extra = first if index == 0 else {}
+            prepared.append(_prepare(one, selected, cache, prefetch=prefetch, **extra))
 
     if options.dry_run:
         for item in prepared:
@@ -465,6 +459,7 @@ def _prepare(
                         plan,
                         metadata_read,
                         metadata_read_options,
+                        images_options,
                         cache,
                         lambda total: bar.update(1, total),
                         plan.shard_ids[todo[0]] if prefetch and len(todo) == 1 else [],
@@ -505,6 +500,7 @@ async def _locate_and_prefetch(
     plan: Plan,
     metadata_root: str,
     metadata_options: dict[str, Any],
+    images_options: dict[str, Any],
     cache: MetadataCache,
     on_directory: Callable[[int], None],
     image_ids: list[str],
@@ -522,14 +518,12 @@ async def _locate_and_prefetch(
     )
     if not image_ids or o.concurrency <= LOCATE_CONCURRENCY:
         return await located, {}, FetchStats()
-    images_root, images_options = sources.reading_location(
-        o.images, sources.storage_options(o.images, o.endpoint_url)
-    )
+    images_root, images_read_options = sources.reading_location(o.images, images_options)
     prefetched = prefetch_images(
         image_ids,
         images_root,
         plan.split,
-        images_options,
+        images_read_options,
         o.concurrency - LOCATE_CONCURRENCY,
         PREFETCH_IMAGE_BYTES,
         _retry_policy(o),
