@@ -361,3 +361,29 @@ def test_a_broken_progress_record_is_named(fake_bucket, tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "_progress/train-000000.tar.json" in error[0]
     assert "unexpected" not in error[0]
+
+
+def test_one_shard_built_here_records_the_same_failures_as_shards_built_apart(
+    fake_bucket, tmp_path, victim
+):
+    """A selection in one shard, built in this process, fetches its images beside the zips'
+    directories: a zip that is not a zip and an image that is not a JPEG still fail exactly the
+    images they failed when the same selection was cut into shards of four."""
+    images = selected_images(fake_bucket)
+    not_a_jpeg = sorted(i for i in images if i[0] != victim)[0]
+    overrides = {
+        zip_url_path(victim): b"<html>not a zip</html>",
+        f"/open-images-dataset/train/{not_a_jpeg}.jpg": b"not a jpeg",
+    }
+    with HostileServer(fake_bucket, overrides=overrides) as server:
+        assert main(shard_argv(server.url, tmp_path / "apart")) == 0
+        assert main(shard_argv(server.url, tmp_path / "one", "--samples-per-shard", "1000")) == 0
+    apart, one = manifest(tmp_path / "apart"), manifest(tmp_path / "one")
+    assert len(one["shards"]) == 1 < len(apart["shards"])
+
+    def failed(m: dict) -> dict[str, str]:
+        return {f["image_id"]: f["reason"] for f in m["failures"]}
+
+    assert failed(one) == failed(apart)
+    assert not_a_jpeg in failed(one) and any(i[0] == victim for i in failed(one))
+    assert one["totals"]["samples"] == apart["totals"]["samples"]
