@@ -381,6 +381,34 @@ def test_bounded_catalog_ranks_only_the_images_listed(tmp_path: Path) -> None:
     assert (plan.shard_ids, plan.plan_hash) == (expected.shard_ids, expected.plan_hash)
 
 
+def test_a_block_is_ranked_in_slices_so_its_tail_is_not_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One block of 2,000 images, --max-images 10: once the first slice has been offered the
+    # bound holds its 10 and most of the block ranks past it, so only a few slices' worth of
+    # rows are parsed. Ranked as one, every row of the block was parsed (none had a bound yet).
+    monkeypatch.setattr(catalog._PendingRows, "_BATCH_LINES", 100)
+    parsed: list[int] = []
+    original = catalog._parse_lines
+    monkeypatch.setattr(
+        catalog, "_parse_lines", lambda kept, n: parsed.append(n) or original(kept, n)
+    )
+    images = _ids(2_000, 7)
+    path = tmp_path / "seg.csv"
+    lines = [_csv_line(i, PERSON.mid, k) for k, i in enumerate(images)]
+    path.write_text("\n".join([HEADER, *lines, ""]))
+    mids = [PERSON.mid]
+    bounded = read_segmentations(str(path), mids, selection=Selection(max_images=10, seed=4))
+    rows_parsed = sum(parsed)
+    assert len(path.read_bytes()) < catalog._BLOCK_BYTES_PER_ROW * 250_000  # one block
+    whole = read_segmentations(str(path), mids)
+    expected = make_plan(whole, [PERSON], "train", max_images=10, seed=4)
+    plan = make_plan(bounded, [PERSON], "train", max_images=10, seed=4)
+    assert (plan.shard_ids, plan.plan_hash) == (expected.shard_ids, expected.plan_hash)
+    # The first slice whole (100), then rows ranking within the falling bound: ~10 ln(2000/100).
+    assert rows_parsed < 400, parsed
+
+
 def test_a_row_left_unparsed_and_wanted_later_is_checked_when_read_again(tmp_path: Path) -> None:
     """Person's threshold falls first; X's Person row ranks past it and is left unparsed. X's
     Car row then makes Car take X, so the Person row is read again: bad there, it is counted
