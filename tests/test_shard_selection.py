@@ -64,8 +64,11 @@ def test_second_run_moves_no_metadata_body_bytes(proxied, fake_bucket, tmp_path)
     assert sum(e[4] for e in catalog_gets) > csv_size
     assert first.catalog_bytes >= csv_size  # the summary's moved bytes include the CSV
     assert first.bytes_requested >= first.catalog_bytes + first.directory_bytes
+    # The summary's request count is the server's: class lists, CSV, images check, zips, images.
+    assert first.requests == proxied.stats.requests
     proxied.reset_stats()
     second = run_shard(_options(tmp_path, str(tmp_path / "b")))
+    assert second.requests == proxied.stats.requests
     second_zip_gets = set(_get_log(proxied, zips))
     # No class list or CSV body; of the zips only the members, none of the directory reads.
     assert [e for e in _get_log(proxied, "/openimages/") if not e[1].startswith(zips)] == []

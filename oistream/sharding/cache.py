@@ -71,6 +71,7 @@ class CacheStats:
     fetched_bytes: int = 0  # bodies of class lists and CSVs that came over the network
     cached_bytes: int = 0  # bodies read from the cache instead (directories: their entries)
     heads: int = 0  # validation requests (one per cached object)
+    gets: int = 0  # bodies opened at the source (a resumed body's further GETs not counted)
     hits: int = 0
     misses: int = 0
 
@@ -335,6 +336,7 @@ class MetadataCache:
             # CSV's first byte).
             body = _ResumableBody(fs, path)
             size, etag = body.start()
+            self._count("gets", 1)
             counter = self._counter("fetched_bytes", progress, size)
             if self.directory is None or size is None or etag is None:
                 return _CountingReader(_buffered(body), counter)
@@ -342,6 +344,7 @@ class MetadataCache:
             return self._copying(_buffered(body), self._entry(key, size, etag), size, counter)
         if self.directory is None:
             remote = fs.open(path, "rb")
+            self._count("gets", 1)
             total = getattr(remote, "size", None)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, total))
         info = _head(fs, path)
@@ -349,6 +352,7 @@ class MetadataCache:
         size, etag = version_of(info)
         if etag is None:  # nothing to validate against: never cache it
             remote = _open_sized(fs, path, info)
+            self._count("gets", 1)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, size))
         entry = self._entry(key, size, etag)
         try:
@@ -362,6 +366,7 @@ class MetadataCache:
             local.close()  # not what it was stored as: fetch again
         self._count("misses", 1)
         remote = _open_sized(fs, path, info)
+        self._count("gets", 1)
         return self._copying(remote, entry, size, self._counter("fetched_bytes", progress, size))
 
     @staticmethod

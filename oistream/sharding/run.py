@@ -467,7 +467,7 @@ def _prepare(
                 )
             finally:
                 bar.close()
-            reachable.result()
+            report.requests += reachable.result()
         report.requests += prefetched.requests
         report.bytes_requested += prefetched.bytes
         report.directory_bytes = located.bytes_requested
@@ -477,7 +477,7 @@ def _prepare(
     report.catalog_bytes += after.fetched_bytes - before.fetched_bytes
     report.bytes_requested += after.fetched_bytes - before.fetched_bytes
     report.cached_bytes += after.cached_bytes - before.cached_bytes
-    report.requests += after.heads - before.heads
+    report.requests += after.heads - before.heads + after.gets - before.gets
     report.planned = _plan_counts(plan)
     return _Prepared(
         o,
@@ -718,8 +718,9 @@ def _trusted_progress(location: OutputLocation, name: str) -> dict[str, Any] | N
     return done
 
 
-def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) -> None:
-    """Stop at once, with one line, when the images root is wrong or unreachable.
+def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) -> int:
+    """Stop at once, with one line, when the images root is wrong or unreachable; return the
+    number of requests it took.
 
     A single missing image is a per-sample failure; three planned images all missing, or any
     error other than not-found, means the root itself is wrong. Anonymous S3 is asked by plain
@@ -727,11 +728,11 @@ def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) ->
     """
     fs, _ = sources.filesystem(*sources.reading_location(images, options))
     first_ids = plan.image_ids()[:3]
-    for image_id in first_ids:
+    for tried, image_id in enumerate(first_ids, start=1):
         url = sources.reading_location(sources.image_url(images, plan.split, image_id), options)[0]
         try:
             fs.info(url)
-            return
+            return tried
         except FileNotFoundError:
             continue
         except Exception as error:
