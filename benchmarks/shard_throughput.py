@@ -207,9 +207,15 @@ def warm_before_timing(root: Path, imports: str) -> None:
     aggregation 5 s, minimum age 12): a command timed after the other's two minutes started
     with its libraries on disk, 13.9 s from start to first request instead of 1.2 s. Both
     commands are warmed the same way, as a user's next run would find them.
+
+    That includes bytecode: a user's first import writes ``__pycache__`` (pip writes it for an
+    installed package), but a shell with ``PYTHONDONTWRITEBYTECODE`` set, as the development
+    VM's is, compiled our 25 modules from source in every timed run (0.1-0.2 s more to import
+    them) while boto3 and pandas came compiled from pip. The warm-up writes it.
     """
     warm_page_cache(root)
-    subprocess.run([sys.executable, "-c", imports], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-c", imports], check=True, env=env)
 
 
 # ---------------------------------------------------------------------------------------------
