@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import botocore.exceptions
+import botocore.parsers
 import fsspec
 import pytest
 import s3fs
@@ -263,6 +264,9 @@ def _response_error(status: int) -> aiohttp.ClientResponseError:
         (ConnectionResetError(errno.ECONNRESET, "reset"), "transient"),
         (botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), "transient"),
         (botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), "transient"),
+        (botocore.parsers.ResponseParserError("half a response"), "transient"),
+        (botocore.exceptions.SSLError(endpoint_url="https://x", error="bad cert"), "fatal"),
+        (botocore.exceptions.NoCredentialsError(), "fatal"),
         (asyncio.TimeoutError(), "transient"),
         (OSError(errno.EBUSY, "Please reduce your request rate."), "transient"),
         (PermissionError(errno.EACCES, "denied"), "fatal"),

@@ -488,6 +488,17 @@ def test_the_shard_command_imports_pandas_only_when_it_needs_it() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+def test_the_shard_command_leaves_botocore_to_s3fs() -> None:
+    """botocore (with urllib3 and dateutil, ~0.15 s of imports) is s3fs's: the plain-HTTP shard path
+    never loads it, and its errors are classified once s3fs has loaded it."""
+    code = (
+        "import sys, oistream.cli, oistream.sharding.run, oistream.sharding.shardjob; "
+        "print(sorted(m for m in ('botocore', 'urllib3', 'dateutil') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert loaded.stdout.decode().strip() == "[]"
+
+
 def test_the_image_prefetch_keeps_to_its_budget_and_stops_at_the_first_failure(tmp_path):
     """What a small run fetches ahead: images in order up to about its byte budget, and
     nothing more once one fails (the shard job fetches the rest and judges the failure)."""
