@@ -35,6 +35,7 @@ from oistream.sharding.remotezip import (
     read_central_directory,
 )
 from oistream.testing.faultproxy import FaultProxy
+from oistream.testing.zipreference import zipfile_members
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
@@ -89,21 +90,6 @@ def build_zip(
         with mock.patch.object(zipfile, "ZIP_FILECOUNT_LIMIT", limit):
             archive.close()
     return buffer.getvalue()
-
-
-def zipfile_view(data: bytes) -> dict[str, ZipMember]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {
-            info.filename: ZipMember(
-                info.filename,
-                info.header_offset,
-                info.compress_size,
-                info.file_size,
-                info.compress_type,
-                info.CRC,
-            )
-            for info in archive.infolist()
-        }
 
 
 def zipfile_read(data: bytes, names: list[str]) -> dict[str, bytes]:
@@ -177,7 +163,7 @@ def test_central_directory_equals_zipfiles_and_costs_few_ranged_requests(
     with FaultProxy(bucket.endpoint, keep_log=True) as proxy:
         directory = run(proxy.endpoint_url, lambda f, fs: read_central_directory(f, fs, path))
         stats = proxy.stats
-    assert directory == zipfile_view(data)
+    assert directory == zipfile_members(data)
     assert stats.unranged_gets == 0
     assert stats.methods == {"HEAD": 1, "GET": stats.ranged_gets}
     assert stats.ranged_gets <= 2  # the tail, then the directory unless the tail held it
@@ -211,7 +197,7 @@ def test_more_than_65535_members(bucket: Bucket) -> None:
         return directory, await fetch_members(fetcher, fs, path, found)
 
     directory, fetched = run(bucket.endpoint, work)
-    expected = zipfile_view(data)
+    expected = zipfile_members(data)
     assert len(directory) == 65_600
     assert directory == expected
     assert fetched == zipfile_read(data, names)
@@ -220,14 +206,14 @@ def test_more_than_65535_members(bucket: Bucket) -> None:
 def test_a_zip_behind_other_bytes_is_read_like_zipfile_does(bucket: Bucket) -> None:
     data = b"#!/bin/sh\n" * 500 + build_zip(varied_members(seed=2, count=10))
     path = bucket.put("appended.zip", data)
-    names = list(zipfile_view(data))
+    names = list(zipfile_members(data))
 
     async def work(fetcher: Fetcher, fs: Any) -> tuple[dict, dict]:
         directory = await read_central_directory(fetcher, fs, path)
         return directory, await fetch_members(fetcher, fs, path, list(directory.values()))
 
     directory, fetched = run(bucket.endpoint, work)
-    assert directory == zipfile_view(data)
+    assert directory == zipfile_members(data)
     assert fetched == zipfile_read(data, names)
 
 
@@ -242,7 +228,7 @@ def test_not_a_zip_and_a_missing_zip(bucket: Bucket) -> None:
 def test_wanted_keeps_only_those_members(bucket: Bucket) -> None:
     data = build_zip(varied_members(seed=3))
     path = bucket.put("wanted.zip", data)
-    every = zipfile_view(data)
+    every = zipfile_members(data)
     wanted = set(list(every)[:5]) | {"not-in-the-zip"}
     directory = run(
         bucket.endpoint, lambda f, fs: read_central_directory(f, fs, path, wanted=wanted)
@@ -342,7 +328,7 @@ def test_a_local_extra_field_longer_than_the_margin_is_fetched(bucket: Bucket) -
 def test_damage_becomes_corrupt_member_values_and_spares_the_others(bucket: Bucket) -> None:
     members = varied_members(seed=8)
     data = bytearray(build_zip(members))
-    directory = zipfile_view(bytes(data))
+    directory = zipfile_members(bytes(data))
     by_method = {}
     for member in directory.values():
         if member.file_size > 1000:
@@ -372,7 +358,7 @@ def test_damage_becomes_corrupt_member_values_and_spares_the_others(bucket: Buck
 def test_missing_members_and_a_vanished_zip_are_missing_objects(bucket: Bucket) -> None:
     data = build_zip(varied_members(seed=9, count=6))
     path = bucket.put("vanishing.zip", data)
-    directory = zipfile_view(data)
+    directory = zipfile_members(data)
     found, missing = pick_members(directory, [*list(directory)[:3], "nope.png"])
     assert [m.name for m in found] == list(directory)[:3]
     assert isinstance(missing["nope.png"], MissingObject)
@@ -393,7 +379,7 @@ def test_local_zip_files_work_too(tmp_path: Path) -> None:
         directory = await read_central_directory(fetcher, fs, str(target))
         return await fetch_members(fetcher, fs, str(target), list(directory.values()))
 
-    assert asyncio.run(main()) == zipfile_read(data, list(zipfile_view(data)))
+    assert asyncio.run(main()) == zipfile_read(data, list(zipfile_members(data)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,13 +403,13 @@ def test_cache_serves_the_directory_with_one_head_until_the_zip_changes(
         return directory, proxy.stats
 
     directory, stats = read_through_proxy()
-    assert directory == zipfile_view(first) and stats.methods["GET"] >= 1
+    assert directory == zipfile_members(first) and stats.methods["GET"] >= 1
     again, stats = read_through_proxy()
     assert again == directory and stats.methods == {"HEAD": 1}
     second = build_zip(varied_members(seed=13))
     bucket.put("cached.zip", second)
     changed, stats = read_through_proxy()
-    assert changed == zipfile_view(second) and stats.methods["GET"] >= 1
+    assert changed == zipfile_members(second) and stats.methods["GET"] >= 1
     # A damaged cache file is a miss, not an error: a bad header, or bytes that no longer
     # match their digest (one flipped byte in the directory's offsets would misplace members).
     for file in (tmp_path / "cache").iterdir():
@@ -431,12 +417,12 @@ def test_cache_serves_the_directory_with_one_head_until_the_zip_changes(
         data[-30] ^= 0x01
         file.write_bytes(bytes(data))
     flipped, stats = read_through_proxy()
-    assert flipped == zipfile_view(second) and stats.methods["GET"] >= 1
+    assert flipped == zipfile_members(second) and stats.methods["GET"] >= 1
     for file in (tmp_path / "cache").iterdir():
         file.write_text("{not json")
-    assert read_through_proxy()[0] == zipfile_view(second)
+    assert read_through_proxy()[0] == zipfile_members(second)
     proxy.stop()
-    wanted = {next(iter(zipfile_view(second)))}
+    wanted = {next(iter(zipfile_members(second)))}
     kept = run(
         bucket.endpoint,
         lambda f, fs: read_central_directory(f, fs, path, cache=cache, wanted=wanted),
