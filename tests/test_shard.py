@@ -489,8 +489,8 @@ def test_the_shard_command_imports_pandas_only_when_it_needs_it() -> None:
 
 
 def test_the_shard_command_leaves_botocore_to_s3fs() -> None:
-    """botocore (with urllib3 and dateutil, ~0.15 s of imports) is s3fs's: the plain-HTTP shard path
-    never loads it, and its errors are classified once s3fs has loaded it."""
+    """botocore (with urllib3 and dateutil, ~0.15 s of imports) is s3fs's: the plain-HTTP
+    shard path never loads it, and its errors are classified once s3fs has loaded it."""
     code = (
         "import sys, oistream.cli, oistream.sharding.run, oistream.sharding.shardjob; "
         "print(sorted(m for m in ('botocore', 'urllib3', 'dateutil') if m in sys.modules))"

@@ -95,6 +95,9 @@ _BOTOCORE_TRANSIENT = (
 # Subclasses of the transient types above that no retry can fix.
 _FATAL_TYPES: tuple[type[BaseException], ...] = (aiohttp.ClientSSLError, aiohttp.InvalidURL)
 _BOTOCORE_FATAL = ("botocore.exceptions.SSLError",)
+# An S3 error answer (its code and status say what it means), and any other botocore failure.
+_BOTOCORE_ANSWER = ("botocore.exceptions.ClientError",)
+_BOTOCORE_ANY = ("botocore.exceptions.BotoCoreError",)
 
 
 def _loaded_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
@@ -279,7 +282,7 @@ def http_status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
     as ``__cause__``; fsspec's HTTP filesystem raises aiohttp's ``ClientResponseError``.
     """
     for error in _exception_chain(exc):
-        if isinstance(error, _loaded_types(("botocore.exceptions.ClientError",))):
+        if isinstance(error, _loaded_types(_BOTOCORE_ANSWER)):
             response = error.response or {}
             code = response.get("Error", {}).get("Code") or None
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -326,9 +329,7 @@ def _classify_one(error: BaseException) -> Verdict | None:
         return "transient"
     if isinstance(error, OSError):
         return "transient" if error.errno in _TRANSIENT_ERRNOS else "fatal"
-    if isinstance(
-        error, (aiohttp.ClientError, *_loaded_types(("botocore.exceptions.BotoCoreError",)))
-    ):
+    if isinstance(error, (aiohttp.ClientError, *_loaded_types(_BOTOCORE_ANY))):
         return "fatal"
     return None
 
