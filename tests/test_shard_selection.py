@@ -479,3 +479,30 @@ def test_the_csv_is_opened_while_the_class_lists_are_read(s3, s3_env, tmp_path, 
         run_shard(_options(tmp_path, str(tmp_path / "out"), dry_run=True))
         stats = proxy.stats
     assert stats.first_start_by_kind["csv"] < stats.last_end_by_kind["classes"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_summary_counts_requests_and_retries_as_the_server_saw_them_under_faults(
+    s3, s3_env, tmp_path, monkeypatch, seed
+):
+    """Failed, reset and cut-short requests are requests too, and each is retried once: the
+    summary's counts equal the server's on a first run and on a second (cache validation by
+    HEAD). At most two faults per request, so nothing gives up and every fault is a retry."""
+    with FaultProxy(
+        s3.endpoint_url,
+        fail_rate=0.1,
+        reset_rate=0.05,
+        truncate_rate=0.05,
+        seed=seed,
+        max_faults_per_request=2,
+    ) as proxy:
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint_url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        for out in ("a", "b"):
+            proxy.reset_stats()
+            report = run_shard(_options(tmp_path, str(tmp_path / out)))
+            assert report.errors == []
+            assert report.requests == proxy.stats.requests
+            assert report.retries == sum(proxy.stats.faults.values())
+        assert proxy.stats.faults  # these seeds meet faults in the second run too
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")

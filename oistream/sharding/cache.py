@@ -32,27 +32,16 @@ import glob
 import hashlib
 import io
 import os
-import random
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from fsspec.asyn import sync
-
 from oistream import sources
-from oistream.errors import OistreamError, one_line
-from oistream.sharding.fetch import (
-    HttpRequest,
-    RetryPolicy,
-    classify_error,
-    http_status_and_code,
-    is_http,
-)
-from oistream.sharding.options import DEFAULT_READ_TIMEOUT
-from oistream.sharding.remotezip import CentralDirectoryCache, pinned_etag
+from oistream.sharding.fetch import is_http
+from oistream.sharding.httpread import RequestCounter, ResumableBody, buffered, head
+from oistream.sharding.remotezip import CentralDirectoryCache
 
 FILES_FOLDER = "files"
 DIRECTORIES_FOLDER = "zip-directories"
@@ -70,8 +59,11 @@ class CacheStats:
 
     fetched_bytes: int = 0  # bodies of class lists and CSVs that came over the network
     cached_bytes: int = 0  # bodies read from the cache instead (directories: their entries)
-    heads: int = 0  # validation requests (one per cached object)
-    gets: int = 0  # bodies opened at the source (a resumed body's further GETs not counted)
+    # Requests sent for them, as the server counts them: every HEAD and GET, the ones that
+    # failed and the ranged GETs that resumed a broken body included (through s3fs or a local
+    # filesystem: one per HEAD or opened file, whatever the library does inside).
+    requests: int = 0
+    retries: int = 0  # of those, the ones sent after a failure
     hits: int = 0
     misses: int = 0
 
@@ -87,10 +79,12 @@ def version_of(info: dict[str, Any]) -> tuple[int, str | None]:
     return size, None
 
 
-def _open_sized(fs: Any, path: str, info: dict[str, Any]) -> BinaryIO:
+def _open_sized(
+    fs: Any, path: str, info: dict[str, Any], on_request: RequestCounter | None = None
+) -> BinaryIO:
     """``path`` opened for one read from start to end, told the size our HEAD (``info``) gave.
 
-    Over HTTP(S) it is one streamed GET, resumed where it breaks off (``_ResumableBody``):
+    Over HTTP(S) it is one streamed GET, resumed where it breaks off (``ResumableBody``):
     fsspec's random-access HTTP file reads by ranges of its block size one after another, and
     on the shard benchmark's 64.7 MB CSV, 100 ms away, that was 9 sequential GETs moving
     101.4 MB (its read-ahead fetched blocks twice) in 1.2 s, against one GET of 64.7 MB in
@@ -101,176 +95,13 @@ def _open_sized(fs: Any, path: str, info: dict[str, Any]) -> BinaryIO:
     size = info.get("size")
     if is_http(fs):
         _, etag = version_of(info)
-        return _buffered(_ResumableBody(fs, path, int(size) if size else None, etag))
+        body = ResumableBody(fs, path, int(size) if size else None, etag, on_request)
+        return buffered(body)
+    if on_request is not None:
+        on_request(False)
     if size is None:
         return fs.open(path, "rb")
     return fs.open(path, "rb", size=int(size))
-
-
-# What a streamed HTTP body is read ahead by: a few of aiohttp's pieces.
-_STREAM_BUFFER_BYTES = 1 << 20
-
-
-def _buffered(body: _ResumableBody) -> BinaryIO:
-    """aiohttp hands out whatever has arrived (often 64 kB) from read(n); the buffer turns that
-    back into n bytes unless the body ends first, as callers expect."""
-    return io.BufferedReader(body, _STREAM_BUFFER_BYTES)  # type: ignore[return-value]
-
-
-# fsspec's HTTP filesystem retries nothing: whole-file reads and HEADs over HTTP get the
-# fetcher's policy (s3fs retries on its own, and a second layer would multiply its attempts).
-_RETRY = RetryPolicy()
-# Failures one streamed read survives in all, resumed each time where it stopped.
-_MAX_RESUMES = 4 * _RETRY.attempts
-
-
-def _retry_or_raise(error: Exception, failures: int, rng: random.Random) -> None:
-    """Back off before another try after a transient failure; raise anything else, and give
-    up (``_gave_up``) once ``_RETRY.attempts`` tries have failed in a row."""
-    if classify_error(error) != "transient":
-        raise error
-    if failures >= _RETRY.attempts:
-        raise _gave_up(error, f"{failures} times in a row") from error
-    time.sleep(_RETRY.delay(failures, rng))  # back-off, not synchronisation
-
-
-def _gave_up(error: Exception, how_often: str) -> OistreamError:
-    """The one line for a read that kept failing transiently. Not the FileNotFoundError that
-    fsspec makes of a HEAD answered 503: that would read as "not found", and a missing V7
-    class list falls back to V5's."""
-    status, _ = http_status_and_code(error)
-    reason = f"HTTP {status}" if status is not None else one_line(error)
-    return OistreamError(f"{reason}, {how_often} (transient); rerun the same command")
-
-
-def _head(fs: Any, path: str) -> dict[str, Any]:
-    """``fs.info(path)``, tried again after transient failures when ``fs`` is HTTP."""
-    if not is_http(fs):
-        return fs.info(path)
-    rng = random.Random()
-    failures = 0
-    while True:
-        try:
-            return fs.info(path)
-        except Exception as error:
-            failures += 1
-            _retry_or_raise(error, failures, rng)
-
-
-class _ResumeRefused(Exception):
-    """The server answered a resumed read with other bytes than those asked for."""
-
-
-class _CutShort(ConnectionError):
-    """The body ended before its announced size (transient: read on from there)."""
-
-
-class _ResumableBody(io.RawIOBase):
-    """One streamed GET of an HTTP object, resumed where it broke off, as a raw stream.
-
-    A transient failure (a 5xx answer, a reset connection, a body cut short, a stall past the
-    read time-out) reopens the stream at the first byte not read yet, with ``Range`` and, when
-    the object's ETag is known (from a HEAD, or from the first answer), ``If-Match``, after the
-    fetcher's jittered back-off: a 0.8 GB CSV is not read again from its start because a
-    connection dropped. ``_RETRY.attempts`` failures in a row without a byte between them end
-    the read, and so does the ``_MAX_RESUMES``-th failure in all (a server that drips a few
-    bytes per connection would otherwise hold the run for ever). A resumed request answered
-    with anything but those bytes (the whole object, another range) fails it:
-    ``_ResumeRefused``. Requests go through the filesystem's session, redirects only to the
-    same host (``fetch.HttpRequest``). 404 is ``FileNotFoundError``; 403, which anonymous S3
-    answers for a key that does not exist, ``PermissionError``.
-    """
-
-    def __init__(
-        self, fs: Any, path: str, size: int | None = None, etag: str | None = None
-    ) -> None:
-        self._fs, self._path, self._size = fs, path, size
-        self._etag = pinned_etag(etag)
-        timeout = getattr(fs, "client_kwargs", {}).get("timeout")
-        self._read_timeout = getattr(timeout, "sock_read", None) or DEFAULT_READ_TIMEOUT
-        self._position = 0
-        self._request: HttpRequest | None = None
-        self._response: Any = None
-        self._failures = 0  # in a row, without a byte between them
-        self._resumes = 0  # failures in all
-        self._rng = random.Random()
-
-    def readable(self) -> bool:
-        return True
-
-    def start(self) -> tuple[int | None, str | None]:
-        """Send the GET (retried like any read) and return the object's (size, ETag) from its
-        answer's headers, as a HEAD would have given them."""
-        self._call(lambda: None)
-        return self._size, self._etag
-
-    def _open(self) -> None:
-        headers = {}
-        if self._position:
-            headers["Range"] = f"bytes={self._position}-"
-        if self._etag:
-            headers["If-Match"] = self._etag
-        request = HttpRequest(self._fs, "GET", self._path, headers, self._read_timeout)
-        response = sync(self._fs.loop, request.__aenter__)
-        self._request, self._response = request, response
-        if response.status == 404:
-            raise FileNotFoundError(self._path)
-        if response.status == 403:
-            raise PermissionError(f"403 Forbidden: {self._path}")
-        response.raise_for_status()
-        if self._position:
-            content_range = response.headers.get("Content-Range", "")
-            if response.status != 206 or not content_range.startswith(f"bytes {self._position}-"):
-                raise _ResumeRefused(
-                    f"{self._path}: asked for bytes {self._position}- to resume, got "
-                    f"{response.status} {content_range or '(no Content-Range)'}"
-                )
-        elif self._size is None:
-            length = response.headers.get("Content-Length")
-            self._size = int(length) if length is not None else None
-        if self._etag is None:
-            self._etag = pinned_etag(response.headers.get("ETag"))
-
-    def _call(self, step: Callable[[], bytes | None]) -> bytes | None:
-        """``step()`` on an open stream, reopened after each transient failure."""
-        while True:
-            try:
-                if self._response is None:
-                    self._open()
-                return step()
-            except Exception as error:
-                self._close_stream()
-                if isinstance(error, _ResumeRefused):
-                    raise
-                self._failures += 1
-                self._resumes += 1
-                if self._resumes >= _MAX_RESUMES and classify_error(error) == "transient":
-                    raise _gave_up(error, f"{self._resumes} times in one read") from error
-                _retry_or_raise(error, self._failures, self._rng)
-
-    def _read_some(self, count: int) -> bytes:
-        data = sync(self._fs.loop, self._response.content.read, count)
-        if not data and self._size is not None and self._position < self._size:
-            raise _CutShort(f"body ended at byte {self._position} of {self._size}")
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._call(lambda: self._read_some(len(buffer))) or b""
-        if data:
-            self._failures = 0
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-    def _close_stream(self) -> None:
-        request, self._request, self._response = self._request, None, None
-        if request is not None:
-            with contextlib.suppress(Exception):
-                sync(self._fs.loop, request.__aexit__, None, None, None)
-
-    def close(self) -> None:
-        self._close_stream()
-        super().close()
 
 
 def cache_key(url: str, options: dict[str, Any] | None) -> str:
@@ -334,25 +165,22 @@ class MetadataCache:
             # Nothing to validate against: no HEAD. The GET's own headers give the size and
             # ETag that name the copy (one round trip less, before the class lists' and the
             # CSV's first byte).
-            body = _ResumableBody(fs, path)
+            body = ResumableBody(fs, path, on_request=self._count_request)
             size, etag = body.start()
-            self._count("gets", 1)
             counter = self._counter("fetched_bytes", progress, size)
             if self.directory is None or size is None or etag is None:
-                return _CountingReader(_buffered(body), counter)
+                return _CountingReader(buffered(body), counter)
             self._count("misses", 1)
-            return self._copying(_buffered(body), self._entry(key, size, etag), size, counter)
+            return self._copying(buffered(body), self._entry(key, size, etag), size, counter)
         if self.directory is None:
+            self._count_request(False)
             remote = fs.open(path, "rb")
-            self._count("gets", 1)
             total = getattr(remote, "size", None)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, total))
-        info = _head(fs, path)
-        self._count("heads", 1)
+        info = head(fs, path, self._count_request)
         size, etag = version_of(info)
         if etag is None:  # nothing to validate against: never cache it
-            remote = _open_sized(fs, path, info)
-            self._count("gets", 1)
+            remote = _open_sized(fs, path, info, self._count_request)
             return _CountingReader(remote, self._counter("fetched_bytes", progress, size))
         entry = self._entry(key, size, etag)
         try:
@@ -365,8 +193,7 @@ class MetadataCache:
                 return _CountingReader(local, self._counter("cached_bytes", progress, size))
             local.close()  # not what it was stored as: fetch again
         self._count("misses", 1)
-        remote = _open_sized(fs, path, info)
-        self._count("gets", 1)
+        remote = _open_sized(fs, path, info, self._count_request)
         return self._copying(remote, entry, size, self._counter("fetched_bytes", progress, size))
 
     @staticmethod
@@ -377,6 +204,11 @@ class MetadataCache:
             return _CopyingReader(remote, entry, size, counter)
         except OSError:  # a cache folder we cannot write to costs speed, never the run
             return _CountingReader(remote, counter)
+
+    def _count_request(self, retry: bool) -> None:
+        with self._stats_lock:
+            self.stats.requests += 1
+            self.stats.retries += retry
 
     def _count(self, field: str, amount: int) -> None:
         with self._stats_lock:

@@ -373,6 +373,20 @@ def sole_retry_layer(fs: Any) -> None:
             fs.config_kwargs = config
 
 
+def info_from_headers(path: str, headers: Any) -> dict[str, Any]:
+    """``fs.info``'s answer from a HEAD's headers: ``size`` (None unless Content-Length is a
+    plain decimal number) and ``ETag`` when there is one."""
+    length = headers.get("Content-Length")
+    info: dict[str, Any] = {
+        "name": path,
+        "size": int(length) if length and length.isascii() and length.isdigit() else None,
+        "type": "file",
+    }
+    if headers.get("ETag"):
+        info["ETag"] = headers["ETag"]
+    return info
+
+
 class Fetcher:
     """Async, bounded-concurrency byte fetcher for one event loop.
 
@@ -472,11 +486,7 @@ class Fetcher:
     async def _http_head(self, fs: Any, path: str) -> dict[str, Any]:
         async with self._http_open(fs, "HEAD", path, {}) as response:
             response.raise_for_status()
-            length = response.headers.get("Content-Length")
-            info: dict[str, Any] = {"name": path, "size": int(length) if length else None}
-            if response.headers.get("ETag"):
-                info["ETag"] = response.headers["ETag"]
-            return info
+            return info_from_headers(path, response.headers)
 
     async def _http_get(
         self, fs: Any, path: str, start: int | None, end: int | None, if_match: str | None
@@ -587,7 +597,10 @@ class Fetcher:
                 f"asked for {expected} bytes from offset {start}, got {len(data)}: "
                 "the server ignored the Range header"
             )
-        if getattr(fs, "async_impl", False):
+        self.stats.requests += 1  # one more request inside this attempt
+        if is_http(fs):
+            info = await self._http_head(fs, path)
+        elif getattr(fs, "async_impl", False):
             info = await fs._info(path)
         else:
             info = await asyncio.to_thread(fs.info, path)

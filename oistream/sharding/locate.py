@@ -44,6 +44,7 @@ class MemberLocations:
     # prefix -> (size, ETag or None) the directory was read under: member reads check and pin it.
     zip_objects: dict[str, tuple[int, str | None]] = field(default_factory=dict)
     requests: int = 0
+    retries: int = 0
     bytes_requested: int = 0
 
 
@@ -142,5 +143,6 @@ async def _locate(
     finally:
         await sources.close_async_filesystem(fs)
     result.requests = fetcher.stats.requests
+    result.retries = fetcher.stats.retries
     result.bytes_requested = fetcher.stats.bytes
     return result

@@ -34,6 +34,7 @@ from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress
 from oistream.sharding import annotations, catalog, executors, lazypandas
 from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
 from oistream.sharding.fetch import FetchStats, RetryPolicy
+from oistream.sharding.httpread import RequestCounter, head, probe
 from oistream.sharding.locate import MemberLocations, locate_members
 from oistream.sharding.options import DEFAULT_CACHE, ShardOptions, local_processes
 from oistream.sharding.plan import Plan, make_plan
@@ -451,6 +452,8 @@ def _prepare(
                 plan,
                 o.images,
                 sources.with_read_timeout(o.images, images_options, o.read_timeout),
+                # A dry run fetches no body byte: it HEADs, as its estimate does.
+                head if o.dry_run else probe,
             )
             try:
                 located, images, prefetched = asyncio.run(
@@ -467,17 +470,20 @@ def _prepare(
                 )
             finally:
                 bar.close()
-            report.requests += reachable.result()
-        report.requests += prefetched.requests
+            checked = reachable.result()
+        report.requests += checked.requests + prefetched.requests
+        report.retries += checked.retries + prefetched.retries
         report.bytes_requested += prefetched.bytes
         report.directory_bytes = located.bytes_requested
         report.bytes_requested += located.bytes_requested
         report.requests += located.requests
+        report.retries += located.retries
     after = cache.stats
     report.catalog_bytes += after.fetched_bytes - before.fetched_bytes
     report.bytes_requested += after.fetched_bytes - before.fetched_bytes
     report.cached_bytes += after.cached_bytes - before.cached_bytes
-    report.requests += after.heads - before.heads + after.gets - before.gets
+    report.requests += after.requests - before.requests
+    report.retries += after.retries - before.retries
     report.planned = _plan_counts(plan)
     return _Prepared(
         o,
@@ -558,20 +564,24 @@ def _estimate(item: _Prepared) -> None:
     estimate.image_requests = len(todo_ids)
     images = item.options.images
     timed = sources.with_read_timeout(images, item.images_options, item.options.read_timeout)
-    fs, _ = sources.filesystem(images, timed)
+    fs, _ = sources.filesystem(*sources.reading_location(images, timed))
+
+    def count(retry: bool) -> None:
+        item.report.requests += 1
+        item.report.retries += retry
+
     sizes = []
     for image_id in todo_ids[:IMAGES_SAMPLED]:
+        url = sources.reading_location(sources.image_url(images, plan.split, image_id), timed)[0]
         try:
-            url = sources.image_url(item.options.images, plan.split, image_id)
-            sizes.append(int(fs.info(url)["size"]))
+            size = head(fs, url, count).get("size")
         except FileNotFoundError:
             continue
         except Exception as error:
-            raise OistreamError(
-                f"cannot reach images at {item.options.images}: {one_line(error)}"
-            ) from None
+            raise OistreamError(f"cannot reach images at {images}: {one_line(error)}") from None
+        if size is not None:  # a server that gave no Content-Length tells nothing
+            sizes.append(int(size))
     estimate.images_sampled = len(sizes)
-    item.report.requests += len(todo_ids[:IMAGES_SAMPLED])
     if sizes:
         estimate.image_bytes = sum(sizes) / len(sizes) * len(todo_ids)
     if item.located is not None:
@@ -718,21 +728,33 @@ def _trusted_progress(location: OutputLocation, name: str) -> dict[str, Any] | N
     return done
 
 
-def _check_images_reachable(plan: Plan, images: str, options: dict[str, Any]) -> int:
+def _check_images_reachable(
+    plan: Plan,
+    images: str,
+    options: dict[str, Any],
+    ask: Callable[[Any, str, RequestCounter], dict[str, Any]],
+) -> CacheStats:
     """Stop at once, with one line, when the images root is wrong or unreachable; return the
-    number of requests it took.
+    requests it took (``requests`` and ``retries`` set).
 
     A single missing image is a per-sample failure; three planned images all missing, or any
-    error other than not-found, means the root itself is wrong. Anonymous S3 is asked by plain
-    HTTP, as the shard jobs will ask it (an s3fs client costs ~0.1 s to make).
+    error other than not-found (after the retries of ``ask``: ``httpread.probe`` or ``head``),
+    means the root itself is wrong. Anonymous S3 is asked by plain HTTP, as the shard jobs will
+    ask it (an s3fs client costs ~0.1 s to make).
     """
     fs, _ = sources.filesystem(*sources.reading_location(images, options))
+    counted = CacheStats()
+
+    def count(retry: bool) -> None:
+        counted.requests += 1
+        counted.retries += retry
+
     first_ids = plan.image_ids()[:3]
-    for tried, image_id in enumerate(first_ids, start=1):
+    for image_id in first_ids:
         url = sources.reading_location(sources.image_url(images, plan.split, image_id), options)[0]
         try:
-            fs.info(url)
-            return tried
+            ask(fs, url, count)
+            return counted
         except FileNotFoundError:
             continue
         except Exception as error:
