@@ -252,3 +252,20 @@ def test_error_statuses_are_classified_as_with_aiohttp() -> None:
     # The 503 was retried on the same connection, the 404 is missing, the 403 fatal.
     assert type(missing).__name__ == "MissingObject" and missing.attempts == 2
     assert forbidden.status == 403 and forbidden.attempts == 1 and connections == 1
+
+
+@pytest.mark.parametrize("length", ["ten", "1e6", "\u0661\u0662", "-5"])
+def test_a_head_with_a_length_that_is_no_number_reports_no_size(length: str) -> None:
+    """A HEAD's answer has no body to frame, so its Content-Length is never checked on the way
+    in; read as a size it must say "no size" (one line), not raise ValueError. ("١٢", two
+    Arabic-Indic digits, is 12 to int() and str.isdigit, and no number to HTTP.)"""
+
+    async def handler(head: bytes, writer: asyncio.StreamWriter, number: int) -> bool:
+        writer.write(answer("200 OK", {"Content-Length": length}))
+        return True
+
+    async def use(fetcher: Fetcher, fs: Any, url: str) -> list[Any]:
+        return [await fetcher.info(fs, url), await fetcher.size(fs, url)]
+
+    error, _ = run(handler, use)
+    assert isinstance(error, FetchError) and "reports no size" in str(error)
