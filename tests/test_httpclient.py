@@ -215,6 +215,8 @@ def test_a_server_sending_more_than_asked_is_cut_off_and_refused() -> None:
         b"HTTP/1.1 2000 Nope\r\n\r\n",
         b"SMTP ready\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",  # Latin-1 "²": isdigit, not int
+        b"HTTP/1.1 20\xb2 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 70_000 + b"\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     ],

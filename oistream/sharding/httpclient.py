@@ -52,6 +52,12 @@ _USER_AGENT = f"oistream/{oistream.__version__}"
 DEFAULT_CLIENT = "lean"
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit also takes "²" (a head is decoded as Latin-1), which
+    int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def usable_for(fs: Any) -> bool:
     """Whether ``fs`` (an fsspec HTTP filesystem) can use this client: it is switched on, and
     ``fs`` has no request options but headers and no client options (those configure an
@@ -426,7 +432,7 @@ class _Connection(asyncio.Protocol):
     def _parse_head(self, lines: list[str]) -> tuple[int, str, CIMultiDict[str]]:
         version, _, rest = lines[0].partition(" ")
         code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not _decimal(code):
             raise self._bad(f"status line {lines[0][:80]!r}")
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
@@ -452,7 +458,7 @@ class _Connection(asyncio.Protocol):
             return
         length = headers.getall("Content-Length", [])
         if length:
-            if len(set(length)) != 1 or not length[0].isdigit():
+            if len(set(length)) != 1 or not _decimal(length[0]):
                 raise self._bad(f"Content-Length {', '.join(length)!r}")
             self.framing, self.remaining = "length", int(length[0])
             self.body_done = self.remaining == 0
