@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import os
@@ -33,6 +34,7 @@ from oistream.sharding.remotezip import (
     member_span,
     pick_members,
     read_central_directory,
+    read_zip_directory,
 )
 from oistream.testing.faultproxy import FaultProxy
 from oistream.testing.zipreference import zipfile_members
@@ -412,13 +414,13 @@ def test_cache_serves_the_directory_with_one_head_until_the_zip_changes(
     assert changed == zipfile_members(second) and stats.methods["GET"] >= 1
     # A damaged cache file is a miss, not an error: a bad header, or bytes that no longer
     # match their digest (one flipped byte in the directory's offsets would misplace members).
-    for file in (tmp_path / "cache").iterdir():
+    for file in (tmp_path / "cache").glob("*.cd"):
         data = bytearray(file.read_bytes())
         data[-30] ^= 0x01
         file.write_bytes(bytes(data))
     flipped, stats = read_through_proxy()
     assert flipped == zipfile_members(second) and stats.methods["GET"] >= 1
-    for file in (tmp_path / "cache").iterdir():
+    for file in (tmp_path / "cache").glob("*.cd"):
         file.write_text("{not json")
     assert read_through_proxy()[0] == zipfile_members(second)
     proxy.stop()
@@ -428,6 +430,78 @@ def test_cache_serves_the_directory_with_one_head_until_the_zip_changes(
         lambda f, fs: read_central_directory(f, fs, path, cache=cache, wanted=wanted),
     )
     assert set(kept) == wanted
+
+
+def run_http(work: Any) -> Any:
+    """Run ``work(fetcher, fs)`` in a fresh loop with fsspec's async HTTP filesystem."""
+    from oistream.sharding import httpclient
+
+    async def main() -> Any:
+        fs = fsspec.filesystem("http", asynchronous=True, skip_instance_cache=True)
+        try:
+            return await work(Fetcher(concurrency=8, retry=QUICK), fs)
+        finally:
+            httpclient.close_pool(fs)
+
+    return asyncio.run(main())
+
+
+def many_members(count: int) -> list[tuple[str, bytes, int]]:
+    rng = random.Random(count)
+    return [(mask_name(rng), rng.randbytes(50), zipfile.ZIP_STORED) for _ in range(count)]
+
+
+@pytest.mark.parametrize("count", [40, 2000])  # a directory inside the tail, and one past it
+def test_an_http_zip_is_located_from_a_suffix_range_without_a_head(
+    tmp_path: Path, count: int
+) -> None:
+    """The tail's answer gives the size and ETag: one round trip (two when the directory is
+    longer than the tail) where a HEAD, the tail and the directory took three."""
+    from oistream.testing.hostileserver import HostileServer
+
+    data = build_zip(many_members(count))
+    (tmp_path / "masks.zip").write_bytes(data)
+    with HostileServer(tmp_path) as server:
+        url = f"{server.url}/masks.zip"
+        members, size, etag = run_http(lambda f, fs: read_zip_directory(f, fs, url))
+        log = [entry[:3] for entry in server.stats.log]
+    assert members == zipfile_members(data)
+    assert size == len(data) and etag == f'"{hashlib.md5(data).hexdigest()}"'
+    assert log[0] == ("GET", "/masks.zip", f"bytes=-{TAIL_BYTES}")
+    assert [method for method, _, _ in log] == ["GET"] * (1 if len(data) <= TAIL_BYTES else 2)
+
+
+def test_a_cached_http_zip_costs_one_head_and_a_refused_suffix_range_falls_back_to_it(
+    tmp_path: Path,
+) -> None:
+    from oistream.testing.hostileserver import HostileServer
+
+    data = build_zip(many_members(2000))
+    (tmp_path / "zips").mkdir()
+    for name in ("a.zip", "b.zip"):
+        (tmp_path / "zips" / name).write_bytes(data)
+    cache = CentralDirectoryCache(tmp_path / "cache")
+    with HostileServer(tmp_path / "zips", misbehave={"/b.zip": "no_suffix_range"}) as server:
+
+        def read(name: str, keep: CentralDirectoryCache | None) -> tuple[dict, list[tuple]]:
+            before = len(server.stats.log)
+            members, *_ = run_http(
+                lambda f, fs: read_zip_directory(f, fs, f"{server.url}/{name}", cache=keep)
+            )
+            return members, [entry[:3] for entry in server.stats.log[before:]]
+
+        first, first_log = read("a.zip", cache)
+        again, again_log = read("a.zip", cache)
+        refused, refused_log = read("b.zip", None)
+    assert first == again == refused == zipfile_members(data)
+    assert "HEAD" not in [method for method, _, _ in first_log]
+    assert again_log == [("HEAD", "/a.zip", None)]  # the kept directory, validated
+    tail = max(0, len(data) - TAIL_BYTES)
+    assert refused_log[:3] == [
+        ("GET", "/b.zip", f"bytes=-{TAIL_BYTES}"),  # answered 416
+        ("HEAD", "/b.zip", None),
+        ("GET", "/b.zip", f"bytes={tail}-{len(data) - 1}"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

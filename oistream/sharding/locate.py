@@ -20,13 +20,12 @@ from oistream.sharding.remotezip import (
     CentralDirectoryCache,
     CorruptZip,
     ZipMember,
-    _version_tag,
-    read_central_directory,
+    read_zip_directory,
 )
 
 # Directory bytes fetched at once. Central directories of train zips are ~17 MB each: 8 at a
 # time hide the round trips and keep the peak small. A budget of bytes, not a count of zips:
-# every zip's HEAD and tail go at once, and small directories (the fake bucket's 1.7 MB) all
+# every zip's tail goes at once, and small directories (the fake bucket's 1.7 MB) all
 # come together. Counting 8 zips had read the fake's 16 in two waves of three round trips,
 # 0.72 s of the 1% benchmark's run.
 DIRECTORY_BYTES_AT_ONCE = 8 * 17 * 2**20
@@ -102,19 +101,15 @@ async def _locate(
         url = sources.mask_zip_url(metadata_root, split, prefix)
         path = fs._strip_protocol(url)
         try:
-            info = await fetcher.info(fs, path)
-            if info.get("size") is None:
-                raise FetchError(f"HEAD {url}: the server reports no size", url=url)
-            size, etag = int(info["size"]), _version_tag(info)
             try:
-                directory = await read_central_directory(
-                    fetcher, fs, path, size, wanted=names, cache=cache, etag=etag, budget=budget
+                directory, size, etag = await read_zip_directory(
+                    fetcher, fs, path, wanted=names, cache=cache, budget=budget
                 )
             except CorruptZip:
                 # An HTML error page or a cut transfer may be the network's doing: a zip is
                 # called unreadable only when a second, uncached read agrees.
-                directory = await read_central_directory(
-                    fetcher, fs, path, size, wanted=names, etag=etag, budget=budget
+                directory, size, etag = await read_zip_directory(
+                    fetcher, fs, path, wanted=names, budget=budget
                 )
         except MissingObject:
             result.zip_errors[prefix] = f"mask zip {url} is missing"

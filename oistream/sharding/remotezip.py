@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequen
 from dataclasses import dataclass
 from typing import Any
 
-from oistream.sharding.fetch import Fetcher, FetchError, MissingObject
+from oistream.sharding.fetch import Fetcher, FetchError, MissingObject, is_http
 from oistream.sharding.options import DEFAULT_MAX_MEMBER_BYTES
 
 # Local header fields we read: signature, version, flags, method, time, date, crc, sizes,
@@ -134,6 +134,7 @@ async def read_central_directory(
     cache: CentralDirectoryCache | None = None,
     etag: str | None = None,
     budget: ByteBudget | None = None,
+    tail: bytes | None = None,
 ) -> dict[str, ZipMember]:
     """The members of the zip at ``path``, by name, read with two or three range requests.
 
@@ -146,7 +147,9 @@ async def read_central_directory(
     objects). With a ``cache`` the object's size and ETag are looked up (one HEAD) and a cached
     directory is used when both match; otherwise the directory is read and stored. ``etag``
     (with ``size``, from the caller's own HEAD) saves that HEAD; every read pins it. With a
-    ``budget``, the directory's bytes are fetched only while the budget holds them.
+    ``budget``, the directory's bytes are fetched only while the budget holds them. ``tail``,
+    the zip's last ``min(TAIL_BYTES, size)`` bytes already read (``read_zip_directory``), saves
+    the tail request.
     """
     if size is None or (cache is not None and etag is None):
         info = await fetcher.info(fs, path)
@@ -164,7 +167,8 @@ async def read_central_directory(
     if size < _END_RECORD.size:
         raise CorruptZip(f"{path}: not a zip ({size} bytes)", url=path)
     tail_start = max(0, size - TAIL_BYTES)
-    tail = await fetcher.cat(fs, path, tail_start, size, if_match=pin)
+    if tail is None or len(tail) != size - tail_start:
+        tail = await fetcher.cat(fs, path, tail_start, size, if_match=pin)
     cd_offset, cd_size, entries, concat, records_start = await _read_end_records(
         fetcher, fs, path, tail, tail_start, size, pin
     )
@@ -197,6 +201,49 @@ async def read_central_directory(
     if cache is not None and etag is not None:
         cache.put(_cache_url(fs, path), size, etag, directory_bytes, entries, concat)
     return members
+
+
+async def read_zip_directory(
+    fetcher: Fetcher,
+    fs: Any,
+    path: str,
+    *,
+    wanted: Collection[str] | None = None,
+    cache: CentralDirectoryCache | None = None,
+    budget: ByteBudget | None = None,
+) -> tuple[dict[str, ZipMember], int, str | None]:
+    """``read_central_directory`` of a zip whose size is not known yet, with the ``(size,
+    version tag)`` it was read under (member reads check and pin them).
+
+    Over HTTP, unless ``cache`` holds a directory of this URL (then one HEAD validates it), the
+    tail is read first by a suffix range, whose answer also gives the size and ETag: one
+    round trip where a HEAD and then the tail took two, before the first mask can be asked
+    for. A server that refuses suffix ranges gets the HEAD.
+    """
+    if is_http(fs) and (cache is None or not cache.knows(_cache_url(fs, path))):
+        tail = await fetcher.tail(fs, path, TAIL_BYTES)
+        if tail is not None:
+            etag = _version_tag({"ETag": tail.etag})
+            members = await read_central_directory(
+                fetcher,
+                fs,
+                path,
+                tail.size,
+                wanted=wanted,
+                cache=cache if etag is not None else None,  # nothing to key an entry by
+                etag=etag,
+                budget=budget,
+                tail=tail.data,
+            )
+            return members, tail.size, etag
+    info = await fetcher.info(fs, path)
+    if info.get("size") is None:
+        raise FetchError(f"HEAD {path}: the server reports no size", url=path)
+    size, etag = int(info["size"]), _version_tag(info)
+    members = await read_central_directory(
+        fetcher, fs, path, size, wanted=wanted, cache=cache, etag=etag, budget=budget
+    )
+    return members, size, etag
 
 
 class ByteBudget:
@@ -676,6 +723,20 @@ class CentralDirectoryCache:
         digest = hashlib.sha256(f"{url}\0{size}\0{etag}".encode()).hexdigest()
         return os.path.join(self.directory, f"{digest}.cd")
 
+    def _mark(self, url: str) -> str:
+        """An empty file saying that a directory of ``url`` has been kept (at some version)."""
+        digest = hashlib.sha256(url.encode()).hexdigest()
+        return os.path.join(self.directory, f"{digest}.url")
+
+    def knows(self, url: str) -> bool:
+        """Whether a directory of ``url`` was kept here, at whatever size and ETag: then a
+        HEAD is worth its round trip, since it may save reading the directory."""
+        return os.path.exists(self._mark(url))
+
+    def _remember(self, url: str) -> None:
+        with contextlib.suppress(OSError):
+            open(self._mark(url), "ab").close()
+
     def get(self, url: str, size: int, etag: str) -> tuple[bytes, int, int] | None:
         """``(directory bytes, entries, offset shift)`` as stored by ``put``, or None."""
         try:
@@ -691,6 +752,7 @@ class CentralDirectoryCache:
                 or hashlib.sha256(data).hexdigest() != header.get("sha256")
             ):
                 return None
+            self._remember(url)  # entries kept before the marks existed get theirs
             return data, int(header["entries"]), int(header["concat"])
         except (OSError, ValueError, TypeError, KeyError):
             return None
@@ -713,6 +775,7 @@ class CentralDirectoryCache:
                 file.write(json.dumps(header, separators=(",", ":")).encode() + b"\n")
                 file.write(data)
             os.replace(temporary, self._file(url, size, etag))
+            self._remember(url)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)

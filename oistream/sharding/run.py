@@ -57,7 +57,7 @@ IMAGES_SAMPLED = 8
 # took 0.5 s in which no image was asked for.
 PREFETCH_IMAGE_BYTES = 256 * 2**20
 # The zips' directories' share of --concurrency (the images fetched beside them get the rest):
-# 16 zips of two or three requests each, the directory parts under their byte budget (at most
+# 16 zips of one to three requests each, the directory parts under their byte budget (at most
 # 8 train directories of 3 parts at once). 64 left 1% benchmark runs with a mean of 74-75% in
 # flight while images were fetched, 32 gave 74-77%.
 LOCATE_CONCURRENCY = 32

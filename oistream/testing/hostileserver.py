@@ -3,10 +3,11 @@
 Where ``faultproxy`` injects the network's accidents (503s, resets, cut bodies) in front of a
 real S3 server, this serves a folder itself, so that it can also tell lies no honest server
 tells: ignore ``Range`` and send everything, answer another range than the one asked for,
-stall in the middle of a body or before a HEAD's answer, redirect to another host, or replace
-an object between two reads. Honest by default: ``HEAD`` and ``GET`` with ``Content-Length``, a
-strong ``ETag`` (the MD5 of the bytes), single ranges answered ``206`` with ``Content-Range``,
-``If-Match`` answered ``412`` when it does not match, ``404`` for what is not there.
+refuse suffix ranges (an older server's 416), stall in the middle of a body or before a HEAD's
+answer, redirect to another host, or replace an object between two reads. Honest by default: ``HEAD`` and ``GET`` with ``Content-Length``, a
+strong ``ETag`` (the MD5 of the bytes), single ranges (suffix ranges, ``bytes=-N``, too)
+answered ``206`` with ``Content-Range``, ``If-Match`` answered ``412`` when it does not match,
+``404`` for what is not there.
 
 Behaviours are keyed by URL path (``fnmatch`` patterns): ``overrides`` replaces a file's bytes,
 ``misbehave`` names one of ``BEHAVIOURS``, ``replace_after`` swaps a file's bytes (and so its
@@ -30,8 +31,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-BEHAVIOURS = ("ignore_range", "wrong_range", "stall", "stall_head", "redirect_elsewhere", "fail")
+BEHAVIOURS = (
+    "ignore_range",
+    "wrong_range",
+    "no_suffix_range",
+    "stall",
+    "stall_head",
+    "redirect_elsewhere",
+    "fail",
+)
 _RANGE = re.compile(r"bytes=([0-9]+)-([0-9]*)")
+_SUFFIX_RANGE = re.compile(r"bytes=-([0-9]+)")
 _CHUNK = 64 * 1024
 
 
@@ -160,11 +170,18 @@ class HostileServer:
         asked = request.headers.get("Range")
         if asked is not None and behaviour != "ignore_range":
             match = _RANGE.fullmatch(asked.strip())
-            if match is None or int(match[1]) >= len(data):
+            suffix = _SUFFIX_RANGE.fullmatch(asked.strip())
+            if suffix is not None and behaviour == "no_suffix_range":
+                self._record(request, 416)
+                return web.Response(status=416)
+            if suffix is not None and int(suffix[1]) > 0 and data:  # the last N bytes
+                start, stop = max(0, len(data) - int(suffix[1])), len(data)
+            elif match is None or int(match[1]) >= len(data):
                 self._record(request, 416)
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
-            start = int(match[1])
-            stop = min(len(data), int(match[2]) + 1) if match[2] else len(data)
+            else:
+                start = int(match[1])
+                stop = min(len(data), int(match[2]) + 1) if match[2] else len(data)
             status = 206
             shown = (start, stop)
             if behaviour == "wrong_range":  # the right length from one byte further on
