@@ -2,9 +2,10 @@
 
 Open Images keeps its masks in 16 zips per split, ~168k members each (Zip64). A subset needs a
 few members from each, so we read the end records and the central directory by range requests
-(``read_central_directory``), then fetch only the members asked for: each one's local header
-plus data, with members that sit close together fetched in one request (``coalesce``), inflated
-and CRC-checked here (``fetch_members``).
+(``read_central_directory``; over HTTP the tail by a suffix range, which also tells the zip's
+size and ETag: ``read_zip_directory``), then fetch only the members asked for: each one's local
+header plus data, with members that sit close together fetched in one request (``coalesce``),
+inflated and CRC-checked here (``fetch_members``).
 
 Every zip is untrusted: offsets and sizes from its end records and directory are checked
 against the object's size before any request is made for them, a member's declared and actual
