@@ -4,10 +4,10 @@ Where ``faultproxy`` injects the network's accidents (503s, resets, cut bodies) 
 real S3 server, this serves a folder itself, so that it can also tell lies no honest server
 tells: ignore ``Range`` and send everything, answer another range than the one asked for,
 refuse suffix ranges (an older server's 416), stall in the middle of a body or before a HEAD's
-answer, redirect to another host, or replace an object between two reads. Honest by default: ``HEAD`` and ``GET`` with ``Content-Length``, a
-strong ``ETag`` (the MD5 of the bytes), single ranges (suffix ranges, ``bytes=-N``, too)
-answered ``206`` with ``Content-Range``, ``If-Match`` answered ``412`` when it does not match,
-``404`` for what is not there.
+answer, redirect to another host, or replace an object between two reads. Honest by default:
+``HEAD`` and ``GET`` with ``Content-Length``, a strong ``ETag`` (the MD5 of the bytes), single
+ranges (suffix ranges, ``bytes=-N``, too) answered ``206`` with ``Content-Range``, ``If-Match``
+answered ``412`` when it does not match, ``404`` for what is not there.
 
 Behaviours are keyed by URL path (``fnmatch`` patterns): ``overrides`` replaces a file's bytes,
 ``misbehave`` names one of ``BEHAVIOURS``, ``replace_after`` swaps a file's bytes (and so its
