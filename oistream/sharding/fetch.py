@@ -197,6 +197,17 @@ class ObjectTooLarge(FetchError):
 MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
+
+
+def content_range(value: str) -> tuple[int, int, int | None] | None:
+    """``(first, last, total)`` of a ``Content-Range`` value (total None for ``*``); None for
+    anything else."""
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None:
+        return None
+    return int(match[1]), int(match[2]), None if match[3] == "*" else int(match[3])
+
+
 _BODY_CHUNK = 256 * 1024
 
 
@@ -502,23 +513,19 @@ class Fetcher:
             if response.status == 416:
                 return None
             response.raise_for_status()
+            # The object's size is in the answer; then it is checked as any range of it is.
             answered = response.headers.get("Content-Range", "")
-            match = _CONTENT_RANGE.fullmatch(answered.strip())
-            asked = f"a request for the last {nbytes} bytes"
-            if response.status != 206 or match is None or match[3] == "*":
+            whole = content_range(answered)
+            if whole is None or whole[2] is None:
                 raise _RangeIgnored(
-                    f"status {response.status}, Content-Range {answered!r}, to {asked}"
+                    f"status {response.status}, Content-Range {answered!r}, to a request for "
+                    f"the last {nbytes} bytes"
                 )
-            first, last, size = int(match[1]), int(match[2]), int(match[3])
-            expected = min(nbytes, size)
-            if last != size - 1 or last - first + 1 != expected:
-                raise _RangeIgnored(f"Content-Range {answered!r} for {asked}")
-            length = response.headers.get("Content-Length")
-            if length is not None and length != str(expected):
-                raise _RangeIgnored(f"Content-Length {length} with Content-Range {answered!r}")
+            size = whole[2]
+            expected = self._check_range_answer(response, max(0, size - nbytes), size)
             data = await _read_body(response, expected, self.retry.read_timeout, True, path)
             if len(data) != expected:
-                raise _CutShort(f"a tail of {len(data)} bytes where {expected} were announced")
+                raise CutShort(f"a tail of {len(data)} bytes where {expected} were announced")
             return Tail(data, size, response.headers.get("ETag") or None)
 
     async def size(self, fs: Any, path: str) -> int:
@@ -614,12 +621,12 @@ class Fetcher:
                 f"status {response.status} to a request for {asked}: the server ignored Range"
             )
         answered = response.headers.get("Content-Range", "")
-        match = _CONTENT_RANGE.fullmatch(answered.strip())
-        if match is None:
+        parsed = content_range(answered)
+        if parsed is None:
             raise _RangeIgnored(f"Content-Range {answered!r} for a request for {asked}")
-        first, last, total = int(match[1]), int(match[2]), match[3]
+        first, last, total = parsed
         # A range may end early only where the object does (the last bytes of a zip).
-        ends_early = last < end - 1 and total != "*" and last == int(total) - 1
+        ends_early = last < end - 1 and total is not None and last == total - 1
         if first != start or (last != end - 1 and not ends_early) or last < first:
             raise _RangeIgnored(f"Content-Range {answered!r} for a request for {asked}")
         expected = last - first + 1
@@ -727,7 +734,7 @@ class Tail:
     etag: str | None
 
 
-class _CutShort(ConnectionError):
+class CutShort(ConnectionError):
     """A body that ended before the length its answer announced: transient, asked again."""
 
 

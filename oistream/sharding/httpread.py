@@ -15,18 +15,20 @@ from __future__ import annotations
 import contextlib
 import io
 import random
-import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from fsspec.asyn import sync
 
 from oistream.errors import OistreamError, one_line
 from oistream.sharding.fetch import (
+    CutShort,
     HttpRequest,
     RetryPolicy,
     classify_error,
+    content_range,
     http_status_and_code,
     info_from_headers,
     is_http,
@@ -36,6 +38,18 @@ from oistream.sharding.remotezip import pinned_etag
 
 # Called before each request with whether it is sent after a failure (a retry).
 RequestCounter = Callable[[bool], None]
+
+
+@dataclass
+class RequestTally:
+    """A ``RequestCounter`` that keeps its counts: requests sent, and of those the retries."""
+
+    requests: int = 0
+    retries: int = 0
+
+    def __call__(self, retry: bool) -> None:
+        self.requests += 1
+        self.retries += retry
 
 
 # What a streamed HTTP body is read ahead by: a few of aiohttp's pieces.
@@ -140,9 +154,6 @@ def _http_head(fs: Any, path: str) -> dict[str, Any]:
         sync(fs.loop, request.__aexit__, None, None, None)
 
 
-_FIRST_BYTE_RANGE = re.compile(r"bytes 0-0/([0-9]+)")
-
-
 def _http_first_byte(fs: Any, path: str) -> dict[str, Any]:
     request = HttpRequest(fs, "GET", path, {"Range": "bytes=0-0"}, _read_timeout(fs))
     try:
@@ -152,12 +163,12 @@ def _http_first_byte(fs: Any, path: str) -> dict[str, Any]:
         _raise_for_status(response, path)
         info = info_from_headers(path, response.headers)
         if response.status == 206:
-            whole = _FIRST_BYTE_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-            info["size"] = int(whole.group(1)) if whole else None
+            answered = content_range(response.headers.get("Content-Range", ""))
+            info["size"] = answered[2] if answered and answered[:2] == (0, 0) else None
             # The byte itself, so that a cut answer is retried like any other and the
             # connection is left ready for the next request.
             if len(sync(fs.loop, response.content.read, 1)) != 1:
-                raise _CutShort(f"{path}: the first byte's answer ended without it")
+                raise CutShort(f"{path}: the first byte's answer ended without it")
         return info
     finally:
         sync(fs.loop, request.__aexit__, None, None, None)
@@ -165,10 +176,6 @@ def _http_first_byte(fs: Any, path: str) -> dict[str, Any]:
 
 class _ResumeRefused(Exception):
     """The server answered a resumed read with other bytes than those asked for."""
-
-
-class _CutShort(ConnectionError):
-    """The body ended before its announced size (transient: read on from there)."""
 
 
 class ResumableBody(io.RawIOBase):
@@ -260,7 +267,7 @@ class ResumableBody(io.RawIOBase):
     def _read_some(self, count: int) -> bytes:
         data = sync(self._fs.loop, self._response.content.read, count)
         if not data and self._size is not None and self._position < self._size:
-            raise _CutShort(f"body ended at byte {self._position} of {self._size}")
+            raise CutShort(f"body ended at byte {self._position} of {self._size}")
         return data
 
     def readinto(self, buffer: Any) -> int:

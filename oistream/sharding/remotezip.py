@@ -153,11 +153,7 @@ async def read_central_directory(
     the tail request.
     """
     if size is None or (cache is not None and etag is None):
-        info = await fetcher.info(fs, path)
-        if info.get("size") is None:
-            raise FetchError(f"HEAD {path}: the server reports no size", url=path)
-        size = int(info["size"])
-        etag = _version_tag(info)
+        size, etag = await _size_and_tag(fetcher, fs, path)
     if cache is not None and etag is not None:
         cached = cache.get(_cache_url(fs, path), size, etag)
         if cached is not None:
@@ -204,6 +200,14 @@ async def read_central_directory(
     return members
 
 
+async def _size_and_tag(fetcher: Fetcher, fs: Any, path: str) -> tuple[int, str | None]:
+    """The object's size and version tag (``_version_tag``) from one HEAD."""
+    info = await fetcher.info(fs, path)
+    if info.get("size") is None:
+        raise FetchError(f"HEAD {path}: the server reports no size", url=path)
+    return int(info["size"]), _version_tag(info)
+
+
 async def read_zip_directory(
     fetcher: Fetcher,
     fs: Any,
@@ -237,10 +241,7 @@ async def read_zip_directory(
                 tail=tail.data,
             )
             return members, tail.size, etag
-    info = await fetcher.info(fs, path)
-    if info.get("size") is None:
-        raise FetchError(f"HEAD {path}: the server reports no size", url=path)
-    size, etag = int(info["size"]), _version_tag(info)
+    size, etag = await _size_and_tag(fetcher, fs, path)
     members = await read_central_directory(
         fetcher, fs, path, size, wanted=wanted, cache=cache, etag=etag, budget=budget
     )

@@ -34,7 +34,7 @@ from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress
 from oistream.sharding import annotations, catalog, executors, lazypandas
 from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
 from oistream.sharding.fetch import FetchStats, RetryPolicy
-from oistream.sharding.httpread import RequestCounter, head, probe
+from oistream.sharding.httpread import RequestCounter, RequestTally, head, probe
 from oistream.sharding.locate import MemberLocations, locate_members
 from oistream.sharding.options import DEFAULT_CACHE, ShardOptions, local_processes
 from oistream.sharding.plan import Plan, make_plan
@@ -565,16 +565,12 @@ def _estimate(item: _Prepared) -> None:
     images = item.options.images
     timed = sources.with_read_timeout(images, item.images_options, item.options.read_timeout)
     fs, _ = sources.filesystem(*sources.reading_location(images, timed))
-
-    def count(retry: bool) -> None:
-        item.report.requests += 1
-        item.report.retries += retry
-
+    tally = RequestTally()
     sizes = []
     for image_id in todo_ids[:IMAGES_SAMPLED]:
         url = sources.reading_location(sources.image_url(images, plan.split, image_id), timed)[0]
         try:
-            size = head(fs, url, count).get("size")
+            size = head(fs, url, tally).get("size")
         except FileNotFoundError:
             continue
         except Exception as error:
@@ -582,6 +578,8 @@ def _estimate(item: _Prepared) -> None:
         if size is not None:  # a server that gave no Content-Length tells nothing
             sizes.append(int(size))
     estimate.images_sampled = len(sizes)
+    item.report.requests += tally.requests
+    item.report.retries += tally.retries
     if sizes:
         estimate.image_bytes = sum(sizes) / len(sizes) * len(todo_ids)
     if item.located is not None:
@@ -733,9 +731,9 @@ def _check_images_reachable(
     images: str,
     options: dict[str, Any],
     ask: Callable[[Any, str, RequestCounter], dict[str, Any]],
-) -> CacheStats:
+) -> RequestTally:
     """Stop at once, with one line, when the images root is wrong or unreachable; return the
-    requests it took (``requests`` and ``retries`` set).
+    requests it took.
 
     A single missing image is a per-sample failure; three planned images all missing, or any
     error other than not-found (after the retries of ``ask``: ``httpread.probe`` or ``head``),
@@ -743,17 +741,12 @@ def _check_images_reachable(
     ask it (an s3fs client costs ~0.1 s to make).
     """
     fs, _ = sources.filesystem(*sources.reading_location(images, options))
-    counted = CacheStats()
-
-    def count(retry: bool) -> None:
-        counted.requests += 1
-        counted.retries += retry
-
+    counted = RequestTally()
     first_ids = plan.image_ids()[:3]
     for image_id in first_ids:
         url = sources.reading_location(sources.image_url(images, plan.split, image_id), options)[0]
         try:
-            ask(fs, url, count)
+            ask(fs, url, counted)
             return counted
         except FileNotFoundError:
             continue
