@@ -297,7 +297,7 @@ def http_status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
             response = error.response or {}
             code = response.get("Error", {}).get("Code") or None
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status is None and code and code.isdigit():
+            if status is None and code and httpclient.is_decimal(code):
                 status = int(code)
             return status, code
         if isinstance(error, aiohttp.ClientResponseError):
@@ -390,7 +390,7 @@ def info_from_headers(path: str, headers: Any) -> dict[str, Any]:
     length = headers.get("Content-Length")
     info: dict[str, Any] = {
         "name": path,
-        "size": int(length) if length and length.isascii() and length.isdigit() else None,
+        "size": int(length) if length and httpclient.is_decimal(length) else None,
         "type": "file",
     }
     if headers.get("ETag"):
@@ -564,7 +564,7 @@ class Fetcher:
                     raise _RangeIgnored(f"status {response.status} to a GET without Range")
                 limit = self.max_object_bytes
                 length = response.headers.get("Content-Length")
-                if length is not None and length.isdigit() and int(length) > limit:
+                if length is not None and httpclient.is_decimal(length) and int(length) > limit:
                     raise ObjectTooLarge(
                         f"GET {path}: {length} bytes, over the cap of {limit}", url=path
                     )
@@ -631,7 +631,7 @@ class Fetcher:
             raise _RangeIgnored(f"Content-Range {answered!r} for a request for {asked}")
         expected = last - first + 1
         length = response.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) != expected):
+        if length is not None and (not httpclient.is_decimal(length) or int(length) != expected):
             raise _RangeIgnored(f"Content-Length {length} with Content-Range {answered!r}")
         return expected
 

@@ -52,9 +52,9 @@ _USER_AGENT = f"oistream/{oistream.__version__}"
 DEFAULT_CLIENT = "lean"
 
 
-def _decimal(text: str) -> bool:
-    """ASCII digits only: str.isdigit also takes "²" (a head is decoded as Latin-1), which
-    int() refuses."""
+def is_decimal(text: str) -> bool:
+    """ASCII digits only, as HTTP writes numbers: str.isdigit also takes "²" (a head is decoded
+    as Latin-1), which int() refuses, and Arabic-Indic digits, which it takes."""
     return text.isascii() and text.isdigit()
 
 
@@ -432,7 +432,7 @@ class _Connection(asyncio.Protocol):
     def _parse_head(self, lines: list[str]) -> tuple[int, str, CIMultiDict[str]]:
         version, _, rest = lines[0].partition(" ")
         code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not _decimal(code):
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not is_decimal(code):
             raise self._bad(f"status line {lines[0][:80]!r}")
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
@@ -458,7 +458,7 @@ class _Connection(asyncio.Protocol):
             return
         length = headers.getall("Content-Length", [])
         if length:
-            if len(set(length)) != 1 or not _decimal(length[0]):
+            if len(set(length)) != 1 or not is_decimal(length[0]):
                 raise self._bad(f"Content-Length {', '.join(length)!r}")
             self.framing, self.remaining = "length", int(length[0])
             self.body_done = self.remaining == 0
