@@ -23,6 +23,8 @@ Layout under the cache folder (default ``$XDG_CACHE_HOME/oistream``, else ``~/.c
   byte for byte; older versions of the same URL are removed when a new one is stored;
 * ``zip-directories/{sha256(url, size, etag)}.cd``: a zip's central directory, its own bytes
   behind a JSON header line.
+* ``zip-directories/{sha256(url)}.url``: empty; says a directory of that zip is kept, so the
+  next run validates it with a HEAD instead of reading the zip's tail at once.
 """
 
 from __future__ import annotations
