@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,10 @@ from oistream.sharding.remotezip import (
 # come together. Counting 8 zips had read the fake's 16 in two waves of three round trips,
 # 0.72 s of the 1% benchmark's run.
 DIRECTORY_BYTES_AT_ONCE = 8 * 17 * 2**20
+
+
+# (zip prefix, members found, size, ETag) of a zip whose directory was just read.
+ZipCallback = Callable[[str, Mapping[str, ZipMember], int, "str | None"], None]
 
 
 @dataclass
@@ -57,13 +61,17 @@ async def locate_members(
     *,
     cache: CentralDirectoryCache | None = None,
     on_directory: Callable[[int], None] | None = None,
+    on_zip: ZipCallback | None = None,
 ) -> MemberLocations:
     """Each planned mask's member in its zip, read on the running event loop (beside other
     work on it: a small run's images).
 
     ``cache`` (or a folder, ``cache_dir``) keeps each directory on disk, keyed by the zip's
     size and ETag: a rerun then costs one HEAD per zip instead of its whole directory.
-    ``on_directory(total)`` is called as each zip's directory is done (a progress bar)."""
+    ``on_directory(total)`` is called as each zip's directory is done (a progress bar);
+    ``on_zip(prefix, members, size, etag)`` as each is read, with the members found (so the
+    caller can start fetching them on the same loop, through a filesystem of its own: this
+    one is closed when the last directory is read)."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for mask_path in plan.mask_paths():
         # MaskPath starts with the ImageID, whose first hex digit names the zip.
@@ -79,6 +87,7 @@ async def locate_members(
         cache,
         retry or RetryPolicy(),
         on_directory,
+        on_zip,
     )
 
 
@@ -91,6 +100,7 @@ async def _locate(
     cache: CentralDirectoryCache | None,
     retry: RetryPolicy,
     on_directory: Callable[[int], None] | None = None,
+    on_zip: ZipCallback | None = None,
 ) -> MemberLocations:
     fs = await sources.open_async_filesystem(metadata_root, options)
     fetcher = Fetcher(concurrency=concurrency, retry=retry)
@@ -125,6 +135,8 @@ async def _locate(
             return
         result.members.update(directory)
         result.zip_objects[prefix] = (size, etag)
+        if on_zip is not None:
+            on_zip(prefix, directory, size, etag)
 
     async def read_and_count(prefix: str, names: set[str]) -> None:
         try:

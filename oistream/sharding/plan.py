@@ -77,6 +77,14 @@ class Plan:
     def mask_paths(self) -> list[str]:
         return self._rows["MaskPath"].tolist()
 
+    def shard_mask_paths(self, index: int) -> list[str]:
+        """The MaskPaths of shard ``index``'s images, in plan order."""
+        ids = self.shard_ids[index]
+        if not ids:
+            return []
+        positions = np.concatenate([self._positions[i] for i in ids])
+        return self._rows["MaskPath"].to_numpy()[positions].tolist()
+
     def shard(self, index: int) -> ShardSpec:
         ids = self.shard_ids[index]
         rows = self._rows.iloc[np.concatenate([self._positions[i] for i in ids])] if ids else None
