@@ -443,13 +443,23 @@ def test_workers_start_before_the_plan_only_when_more_than_one_shard_can_be_buil
     assert _local_processes(dataclasses.replace(options, **changes)) == started
 
 
-def test_one_shard_built_here_fetches_its_images_while_the_directories_are_read(
+def test_one_shard_built_here_fetches_its_images_and_masks_while_the_directories_are_read(
     s3, s3_env, fake_bucket, tmp_path, monkeypatch
 ):
     """A selection that fits one shard, built in this process: its images are asked for while
-    the zips' directories are read (they need nothing of them), and the shard is the one a run
+    the zips' directories are read (they need nothing of them), each zip's masks once its
+    directory is in, so the job asks for no mask itself; and the shard is the one a run
     without that gives, byte for byte."""
-    from oistream.sharding import run
+    from oistream.sharding import run, shardjob
+
+    asked_by_the_job: list[int] = []
+    fetch_members = shardjob.fetch_members
+
+    async def counted(fetcher, fs, path, members, *args, **kwargs):
+        asked_by_the_job.append(len(members))
+        return await fetch_members(fetcher, fs, path, members, *args, **kwargs)
+
+    monkeypatch.setattr(shardjob, "fetch_members", counted)
 
     def one_shard(out: Path) -> list[str]:  # the last --samples-per-shard counts
         return shard_args("validation", out, "--samples-per-shard", "1000")
@@ -465,8 +475,10 @@ def test_one_shard_built_here_fetches_its_images_while_the_directories_are_read(
         proxy.reset_stats(kinds=[*kinds, ("zips", b"GET /openimages/v5/validation-masks/")])
         assert main(one_shard(tmp_path / "ahead")) == 0
         stats = proxy.stats
-        monkeypatch.setattr(run, "PREFETCH_IMAGE_BYTES", 0)
+        assert asked_by_the_job == []
+        monkeypatch.setattr(run, "PREFETCH_BYTES", 0)
         assert main(one_shard(tmp_path / "after")) == 0
+        assert sum(asked_by_the_job) > 0
     # A directory is read a round trip or two after its zip's first request (the tail, then the
     # directory unless the tail held it): the images were asked for well within the first.
     first = stats.first_start_by_kind
@@ -497,38 +509,6 @@ def test_the_shard_command_leaves_botocore_to_s3fs() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert loaded.stdout.decode().strip() == "[]"
-
-
-def test_the_image_prefetch_keeps_to_its_budget_and_stops_at_the_first_failure(tmp_path):
-    """What a small run fetches ahead: images in order up to about its byte budget, and
-    nothing more once one fails (the shard job fetches the rest and judges the failure)."""
-    import asyncio
-
-    from oistream.sharding.fetch import RetryPolicy
-    from oistream.sharding.shardjob import prefetch_images
-    from oistream.testing.hostileserver import HostileServer
-
-    folder = tmp_path / "images" / "train"
-    folder.mkdir(parents=True)
-    ids = [f"{i:016x}" for i in range(40)]
-    for image_id in ids:
-        (folder / f"{image_id}.jpg").write_bytes(image_id.encode() * 64)  # 1 kB each
-    retry = RetryPolicy(attempts=1)
-    with HostileServer(tmp_path) as server:
-        root = f"{server.url}/images"
-
-        def run(image_ids: list[str], concurrency: int, budget: int) -> dict[str, bytes]:
-            kept, _ = asyncio.run(
-                prefetch_images(image_ids, root, "train", {}, concurrency, budget, retry)
-            )
-            return kept
-
-        everything = run(ids, 4, 1 << 20)
-        bounded = run(ids, 1, 10 * 1024)
-        after_missing = run([*ids[:3], "f" * 16, *ids[3:]], 1, 1 << 20)  # "f..." is not there
-    assert everything == {i: (folder / f"{i}.jpg").read_bytes() for i in ids}
-    assert list(bounded) == ids[:10]  # one request at a time: it stops at the budget
-    assert list(after_missing) == ids[:3]
 
 
 @pytest.mark.timeout(30)  # a close() that waited for the open would hang here

@@ -423,6 +423,15 @@ class Fetcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._rng = random.Random()
 
+    def widen(self, extra: int) -> None:
+        """Allow ``extra`` more requests in flight from now on: the share of the concurrency
+        that another fetcher on the same loop no longer needs."""
+        if extra < 0:
+            raise ValueError("a fetcher only widens")
+        self.concurrency += extra
+        for _ in range(extra):
+            self._slots.release()
+
     async def cat(
         self,
         fs: Any,

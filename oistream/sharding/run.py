@@ -33,14 +33,15 @@ from oistream.errors import OistreamError, one_line, storage_reason
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
 from oistream.sharding import annotations, catalog, executors, lazypandas
 from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
-from oistream.sharding.fetch import FetchStats, RetryPolicy
+from oistream.sharding.fetch import Fetcher, FetchStats, RetryPolicy
 from oistream.sharding.httpread import RequestCounter, RequestTally, head, probe
 from oistream.sharding.locate import MemberLocations, locate_members
 from oistream.sharding.options import DEFAULT_CACHE, ShardOptions, local_processes
 from oistream.sharding.plan import Plan, make_plan
+from oistream.sharding.prefetch import ShardPrefetch
 from oistream.sharding.remotezip import coalesce
 from oistream.sharding.selection import read_image_ids
-from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask, prefetch_images
+from oistream.sharding.shardjob import JobContext, ShardResult, ShardTask
 from oistream.sharding.writer import (
     Lease,
     OutputLocation,
@@ -51,11 +52,11 @@ from oistream.sharding.writer import (
 
 # A dry run estimates the images' bytes from this many HEADs (planned images, in hash order).
 IMAGES_SAMPLED = 8
-# Image bytes fetched while the zips' directories are read, when this process builds the run's
-# one shard itself: about a thousand real Open Images JPEGs (~64 kB to a few MB each), the
-# images of a small selection. On the 1% benchmark (940 images 100 ms away) the directories
-# took 0.5 s in which no image was asked for.
-PREFETCH_IMAGE_BYTES = 256 * 2**20
+# Image and mask bytes fetched while the zips' directories are read, when this process builds
+# the run's one shard itself (``prefetch.ShardPrefetch``): about a thousand real Open Images
+# JPEGs (~64 kB to a few MB each) with their masks, a small selection. On the 1% benchmark
+# (940 images 100 ms away) the directories took 0.5 s in which no image was asked for.
+PREFETCH_BYTES = 256 * 2**20
 # The zips' directories' share of --concurrency (the images fetched beside them get the rest):
 # 16 zips of one to three requests each, the directory parts under their byte budget (at most
 # 8 train directories of 3 parts at once). 64 left 1% benchmark runs with a mean of 74-75% in
@@ -112,7 +113,8 @@ class _Prepared:
     results: dict[str, dict[str, Any]]
     todo: list[int]
     located: MemberLocations | None
-    images: dict[str, bytes]  # image_id -> bytes fetched ahead (``PREFETCH_IMAGE_BYTES``)
+    images: dict[str, bytes]  # image_id -> bytes fetched ahead (``PREFETCH_BYTES``)
+    masks: dict[str, bytes]  # mask path -> PNG bytes fetched ahead
     images_options: dict[str, Any]
     metadata_options: dict[str, Any]
     out_options: dict[str, Any]
@@ -365,7 +367,7 @@ def _prepare(
     ``csv`` is this split's CSV already being opened (with its progress ``bar``);
     ``counted_from`` the cache's counts this split's report starts from (default: now). With
     ``prefetch``, when one shard is left to build, its first images (up to
-    ``PREFETCH_IMAGE_BYTES``) are fetched while the zips' directories are read.
+    ``PREFETCH_BYTES``) and each zip's masks are fetched while the zips' directories are read.
     """
     split, out = o.split, o.out
     images_options = sources.storage_options(o.images, o.endpoint_url)
@@ -438,7 +440,7 @@ def _prepare(
         else:
             todo.append(index)
 
-    located, images = None, {}
+    located, ahead = None, None
     if todo:
         metadata_read, metadata_read_options = sources.reading_location(
             o.metadata, metadata_options
@@ -456,7 +458,7 @@ def _prepare(
                 head if o.dry_run else probe,
             )
             try:
-                located, images, prefetched = asyncio.run(
+                located, ahead = asyncio.run(
                     _locate_and_prefetch(
                         o,
                         plan,
@@ -465,12 +467,13 @@ def _prepare(
                         images_options,
                         cache,
                         lambda total: bar.update(1, total),
-                        plan.shard_ids[todo[0]] if prefetch and len(todo) == 1 else [],
+                        todo[0] if prefetch and len(todo) == 1 else None,
                     )
                 )
             finally:
                 bar.close()
             checked = reachable.result()
+        prefetched = ahead.stats if ahead is not None else FetchStats()
         report.requests += checked.requests + prefetched.requests
         report.retries += checked.retries + prefetched.retries
         report.bytes_requested += prefetched.bytes
@@ -494,7 +497,8 @@ def _prepare(
         results,
         todo,
         located,
-        images,
+        ahead.images if ahead is not None else {},
+        ahead.masks if ahead is not None else {},
         images_options,
         metadata_options,
         out_options,
@@ -509,10 +513,30 @@ async def _locate_and_prefetch(
     images_options: dict[str, Any],
     cache: MetadataCache,
     on_directory: Callable[[int], None],
-    image_ids: list[str],
-) -> tuple[MemberLocations, dict[str, bytes], FetchStats]:
-    """The masks' places in their zips and, on the same loop, ``image_ids``' first images
-    (``shardjob.prefetch_images``), the two sharing ``--concurrency``."""
+    shard_index: int | None,
+) -> tuple[MemberLocations, ShardPrefetch | None]:
+    """The masks' places in their zips and, on the same loop, shard ``shard_index``'s images
+    and each zip's masks as soon as its directory is in (``prefetch.ShardPrefetch``), the two
+    sharing ``--concurrency``."""
+    ahead = None
+    if shard_index is not None and o.concurrency > LOCATE_CONCURRENCY:
+        images_root, images_read_options = sources.reading_location(o.images, images_options)
+        ahead = ShardPrefetch(
+            Fetcher(concurrency=o.concurrency - LOCATE_CONCURRENCY, retry=_retry_policy(o)),
+            PREFETCH_BYTES,
+            plan.split,
+            plan.shard_ids[shard_index],
+            plan.shard_mask_paths(shard_index),
+            images=(
+                await sources.open_async_filesystem(images_root, images_read_options),
+                images_root,
+            ),
+            metadata=(
+                await sources.open_async_filesystem(metadata_root, metadata_options),
+                metadata_root,
+            ),
+            max_member_bytes=o.max_member_bytes,
+        )
     located = locate_members(
         plan,
         metadata_root,
@@ -521,21 +545,27 @@ async def _locate_and_prefetch(
         retry=_retry_policy(o),
         cache=cache.zip_directories,
         on_directory=on_directory,
+        on_zip=None if ahead is None else ahead.zip_located,
     )
-    if not image_ids or o.concurrency <= LOCATE_CONCURRENCY:
-        return await located, {}, FetchStats()
-    images_root, images_read_options = sources.reading_location(o.images, images_options)
-    prefetched = prefetch_images(
-        image_ids,
-        images_root,
-        plan.split,
-        images_read_options,
-        o.concurrency - LOCATE_CONCURRENCY,
-        PREFETCH_IMAGE_BYTES,
-        _retry_policy(o),
-    )
-    members, (images, stats) = await asyncio.gather(located, prefetched)
-    return members, images, stats
+    if ahead is None:
+        return await located, None
+    ahead_fetcher = ahead.fetcher
+
+    async def locate_then_lend() -> MemberLocations:
+        try:
+            return await located
+        finally:  # the directories' share of --concurrency goes to the masks still to fetch
+            ahead_fetcher.widen(o.concurrency - ahead_fetcher.concurrency)
+
+    try:
+        members, _ = await asyncio.gather(
+            locate_then_lend(), ahead.fetch_images(o.concurrency - LOCATE_CONCURRENCY)
+        )
+        await ahead.wait()
+    finally:
+        for fs in ahead.filesystems:
+            await sources.close_async_filesystem(fs)
+    return members, ahead
 
 
 def _retry_policy(o: ShardOptions) -> RetryPolicy:
@@ -630,6 +660,7 @@ def _execute(
                 located.zip_transient,
                 located.zip_objects,
                 images=item.images,
+                masks=item.masks,
             )
 
         # Made one by one as workers free up: a shard's records exist only while it is built.

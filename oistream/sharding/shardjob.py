@@ -21,8 +21,6 @@ from oistream import headers, sources
 from oistream.format import progress_name
 from oistream.sharding.fetch import (
     Fetcher,
-    FetchError,
-    FetchStats,
     MissingObject,
     ObjectTooLarge,
     RetryPolicy,
@@ -70,8 +68,10 @@ class ShardTask:
     zip_transient: dict[str, str] = field(default_factory=dict)
     # zip prefix -> (size, ETag) its directory was read under
     zip_objects: dict[str, tuple[int, str | None]] = field(default_factory=dict)
-    # image_id -> the image's bytes, fetched ahead (``prefetch_images``); the job fetches the rest
+    # image_id -> the image's bytes, and mask path -> the mask's PNG bytes, fetched ahead
+    # (``prefetch.ShardPrefetch``); the job fetches the rest
     images: dict[str, bytes] = field(default_factory=dict)
+    masks: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -250,8 +250,13 @@ async def _fetch_sample(
     prefix = sample.image_id[0]
     if prefix in task.zip_transient:
         raise ShardIncomplete(f"{sample.image_id}: {task.zip_transient[prefix]}")
+    given: dict[str, bytes | Exception] = {}
     needed = []
     for _, mask_path in sample.masks:
+        prefetched_mask = task.masks.pop(mask_path, None)
+        if prefetched_mask is not None:
+            given[mask_path] = prefetched_mask
+            continue
         member = task.members.get(mask_path)
         if member is None:
             zip_error = task.zip_errors.get(prefix)
@@ -262,24 +267,28 @@ async def _fetch_sample(
     image_path = images_fs._strip_protocol(
         sources.image_url(context.images_root, context.split, sample.image_id)
     )
-    zip_path = metadata_fs._strip_protocol(
-        sources.mask_zip_url(context.metadata_root, context.split, sample.image_id[0])
-    )
     prefetched = task.images.pop(sample.image_id, None)
     image_request = (
         _fetch_image(fetcher, images_fs, image_path) if prefetched is None else _given(prefetched)
     )
-    size, etag = task.zip_objects.get(prefix, (None, None))
-    masks_request = fetch_members(
-        fetcher,
-        metadata_fs,
-        zip_path,
-        needed,
-        object_size=size,
-        etag=etag,
-        max_member_bytes=context.max_member_bytes,
-    )
-    image, masks = await asyncio.gather(image_request, masks_request)
+    if needed:
+        zip_path = metadata_fs._strip_protocol(
+            sources.mask_zip_url(context.metadata_root, context.split, prefix)
+        )
+        size, etag = task.zip_objects.get(prefix, (None, None))
+        masks_request = fetch_members(
+            fetcher,
+            metadata_fs,
+            zip_path,
+            needed,
+            object_size=size,
+            etag=etag,
+            max_member_bytes=context.max_member_bytes,
+        )
+        image, masks = await asyncio.gather(image_request, masks_request)
+        masks.update(given)
+    else:
+        image, masks = await image_request, given
     width, height = _jpeg_size(image, sample.image_id)
     fields: dict[str, bytes] = {"jpg": image}
     for field_name, mask_path in sample.masks:
@@ -298,53 +307,6 @@ async def _fetch_sample(
 
 async def _given(data: bytes) -> bytes:
     return data
-
-
-async def prefetch_images(
-    image_ids: list[str],
-    images_root: str,
-    split: str,
-    options: dict[str, Any],
-    concurrency: int,
-    budget_bytes: int,
-    retry: RetryPolicy,
-) -> tuple[dict[str, bytes], FetchStats]:
-    """The first of ``image_ids`` (in their order) fetched ahead of their shard's job, up to
-    about ``budget_bytes``, with ``concurrency`` requests in flight; and the fetcher's counts.
-
-    Run while the zips' directories are read, when this process builds the one shard itself:
-    the images need nothing from the directories. The first image that fails ends the
-    prefetch (a throttling or wrong images root would otherwise cost its retries twice); the
-    job fetches what is left and judges each failure as it would have.
-    """
-    fs = await sources.open_async_filesystem(images_root, options)
-    fetcher = Fetcher(concurrency=concurrency, retry=retry)
-    kept: dict[str, bytes] = {}
-    held = 0
-    failed = False
-    waiting = iter(image_ids)
-
-    async def fetch_in_turn() -> None:
-        nonlocal held, failed
-        # Each worker checks before its next request: at most `concurrency` bodies arrive
-        # beyond the budget, and none is asked for after a failure.
-        for image_id in waiting:
-            if held >= budget_bytes or failed:
-                return
-            path = fs._strip_protocol(sources.image_url(images_root, split, image_id))
-            try:
-                data = await fetcher.cat(fs, path)
-            except (FetchError, OSError):
-                failed = True
-                return
-            kept[image_id] = data
-            held += len(data)
-
-    try:
-        await asyncio.gather(*(fetch_in_turn() for _ in range(concurrency)))
-    finally:
-        await sources.close_async_filesystem(fs)
-    return kept, fetcher.stats
 
 
 async def _fetch_image(fetcher: Fetcher, fs: Any, path: str) -> bytes:
