@@ -135,12 +135,16 @@ def timeline(run: Timed, stats: ProxyStats) -> str:
     marks = [
         ("start to first request (interpreter, imports)", run.started, first_request),
         ("class lists, CSV, plan", first_request, first["zips"]),
-        # A run that builds its one shard itself asks for images beside the directories: 0 s.
+        # A run that builds its one shard itself asks for images beside the directories.
         ("central directories, workers' start", first["zips"], first["images"]),
         ("images and masks fetched, shards written", first["images"], last_response),
         ("last response to exit (manifest, shutdown)", last_response, run.ended),
     ]
     parts = [f"{name} {end - begin:.1f} s" for name, begin, end in marks]
+    if first["images"] < first["zips"]:  # fetched beside the directories: the phases overlap
+        ahead = first["zips"] - first["images"]
+        parts[2] = f"first image asked for {ahead:.1f} s before the first zip request"
+        parts[3] = f"images and masks fetched, shards written {last_response - first['zips']:.1f} s"
     if "csv" in first:
         parts.insert(2, f"(of which CSV transfer {last['csv'] - first['csv']:.1f} s)")
     return "; ".join(parts)

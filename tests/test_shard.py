@@ -443,6 +443,32 @@ def test_workers_start_before_the_plan_only_when_more_than_one_shard_can_be_buil
     assert _local_processes(dataclasses.replace(options, **changes)) == started
 
 
+def test_the_located_members_come_out_of_the_event_loop_without_being_formatted() -> None:
+    """asyncio.run formats its main task (result included) when it puts SIGINT's handler
+    back; a run's located members are returned without that."""
+    import asyncio
+
+    from oistream.sharding.run import _run_event_loop
+
+    class Counted:
+        formatted = 0
+
+        def __repr__(self) -> str:
+            Counted.formatted += 1
+            return "Counted()"
+
+    async def result() -> Counted:
+        return Counted()
+
+    handler_is_default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    asyncio.run(result())
+    if handler_is_default:  # the cost the helper avoids is there to avoid
+        assert Counted.formatted > 0
+    Counted.formatted = 0
+    assert isinstance(_run_event_loop(result()), Counted)
+    assert Counted.formatted == 0
+
+
 def test_one_shard_built_here_fetches_its_images_and_masks_while_the_directories_are_read(
     s3, s3_env, fake_bucket, tmp_path, monkeypatch
 ):

@@ -20,10 +20,10 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from tqdm import tqdm
 
@@ -49,6 +49,8 @@ from oistream.sharding.writer import (
     refuse_another_plan,
     refuse_foreign_files,
 )
+
+T = TypeVar("T")
 
 # A dry run estimates the images' bytes from this many HEADs (planned images, in hash order).
 IMAGES_SAMPLED = 8
@@ -458,7 +460,7 @@ def _prepare(
                 head if o.dry_run else probe,
             )
             try:
-                located, ahead = asyncio.run(
+                located, ahead = _run_event_loop(
                     _locate_and_prefetch(
                         o,
                         plan,
@@ -566,6 +568,24 @@ async def _locate_and_prefetch(
         for fs in ahead.filesystems:
             await sources.close_async_filesystem(fs)
     return members, ahead
+
+
+def _run_event_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coroutine)`` with the result kept out of the main task's repr.
+
+    On its way out ``asyncio.run`` puts SIGINT's handler back; CPython 3.10-3.11's
+    ``signal.signal`` then tries the old handler (a partial holding the main task) as a
+    ``Handlers`` value, and the ValueError it raises and catches formats the task, whose repr
+    holds the full repr of its result. Returning 43k located members that way cost 0.16 s of a
+    20% run, between the last directory read and the first shard started.
+    """
+    kept: list[T] = []
+
+    async def keep() -> None:
+        kept.append(await coroutine)
+
+    asyncio.run(keep())
+    return kept[0]
 
 
 def _retry_policy(o: ShardOptions) -> RetryPolicy:
