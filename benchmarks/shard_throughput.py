@@ -141,9 +141,10 @@ def timeline(run: Timed, stats: ProxyStats) -> str:
         ("last response to exit (manifest, shutdown)", last_response, run.ended),
     ]
     parts = [f"{name} {end - begin:.1f} s" for name, begin, end in marks]
-    if first["images"] < first["zips"]:  # fetched beside the directories: the phases overlap
+    if first["images"] < first["zips"]:  # asked for beside the directories: phases overlap
         ahead = first["zips"] - first["images"]
-        parts[2] = f"first image asked for {ahead:.1f} s before the first zip request"
+        # The first may be only the images' reachability check, sent beside the directories.
+        parts[2] = f"first image request {ahead:.1f} s before the first zip request"
         parts[3] = f"images and masks fetched, shards written {last_response - first['zips']:.1f} s"
     if "csv" in first:
         parts.insert(2, f"(of which CSV transfer {last['csv'] - first['csv']:.1f} s)")
