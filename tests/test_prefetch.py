@@ -1,6 +1,6 @@
-"""What the one shard built in this process fetches ahead of its job (``prefetch.ShardPrefetch``):
-images in plan order and each zip's masks once its directory is in, within a byte budget, and
-nothing more after a failure."""
+"""What a run fetches ahead of its first shards' jobs (``prefetch.ShardPrefetch``): images in
+their order and each zip's masks once its directory is in, within a byte budget, nothing more
+after a failure or once stopped."""
 
 from __future__ import annotations
 
@@ -152,3 +152,34 @@ def test_a_fetcher_widened_takes_more_requests_at_once(tmp_path):
     with HostileServer(tmp_path) as server:
         assert asyncio.run(most_in_flight(0)) == 1
         assert asyncio.run(most_in_flight(2)) == 3
+
+
+def test_images_stop_being_asked_for_once_stopped_and_those_in_flight_arrive(tmp_path):
+    """``stop`` (the directories are in, the workers take over): no image is asked for after
+    it, and the one asked for before it is kept."""
+    _images(tmp_path)
+    ahead: ShardPrefetch | None = None
+
+    class StopsAtTheFifth(Fetcher):
+        async def cat(self, fs, path, *args, **kwargs):
+            if self.stats.requests == 4:
+                ahead.stop()  # while the fifth is on its way
+            return await super().cat(fs, path, *args, **kwargs)
+
+    async def run() -> None:
+        nonlocal ahead
+        root = f"{server.url}/images"
+        fs = await sources.open_async_filesystem(root)
+        ahead = ShardPrefetch(
+            StopsAtTheFifth(retry=RETRY), 1 << 20, "train", IDS, [], images=(fs, root)
+        )
+        try:
+            await ahead.fetch_images(1)
+        finally:
+            await sources.close_async_filesystem(fs)
+
+    with HostileServer(tmp_path) as server:
+        asyncio.run(run())
+        asked = sum(server.stats.gets_by_path.values())
+    assert list(ahead.images) == IDS[:5] and not ahead.failed
+    assert asked == 5

@@ -514,6 +514,46 @@ def test_one_shard_built_here_fetches_its_images_and_masks_while_the_directories
     assert len(list((tmp_path / "ahead").glob("*.tar"))) == 1
 
 
+def test_the_workers_first_shards_arrive_with_their_images_fetched_while_the_directories_are_read(
+    s3, s3_env, fake_bucket, tmp_path, monkeypatch
+):
+    """Shards built by worker processes: the first shard of each worker has its images asked
+    for while the zips' directories are read, and carries them to its worker; no image is
+    asked for twice, the later shards' images only once the directories are in, and the
+    shards are those of a run without it, byte for byte."""
+    from oistream.sharding import run
+
+    images = sorted(p.stem for p in (fake_bucket / "open-images-dataset" / "train").iterdir())
+    kinds = [(i, f"GET /open-images-dataset/train/{i}.jpg ".encode()) for i in images]
+    latency = 0.2
+    with FaultProxy(s3.endpoint_url, latency=latency) as proxy:
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint_url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        proxy.reset_stats(kinds=[*kinds, ("zips", b"GET /openimages/v5/train-masks/")])
+        assert main(shard_args("train", tmp_path / "ahead", "--processes", "2")) == 0
+        stats = proxy.stats
+        monkeypatch.setattr(run, "PREFETCH_BYTES", 0)
+        assert main(shard_args("train", tmp_path / "after", "--processes", "2")) == 0
+    assert folder_bytes(tmp_path / "ahead") == folder_bytes(tmp_path / "after")
+
+    def shard_images(tar: Path) -> list[str]:
+        with tarfile.open(tar) as archive:
+            return [Path(m.name).name.split(".")[0] for m in archive if m.name.endswith(".jpg")]
+
+    tars = sorted((tmp_path / "ahead").glob("*.tar"))
+    assert len(tars) > 2
+    first = stats.first_start_by_kind
+    # The images check asks the first planned image for its first byte, beside the
+    # directories: every other image is asked for once.
+    asked = {i: stats.requests_by_kind.get(i, 0) for t in tars for i in shard_images(t)}
+    assert sorted(asked.values())[:-1] == [1] * (len(asked) - 1)
+    # A directory is in a round trip or two after its zip's first request.
+    for tar in tars[:2]:
+        assert all(first[i] - first["zips"] < latency / 2 for i in shard_images(tar))
+    for tar in tars[2:]:
+        assert all(first[i] - first["zips"] > latency for i in shard_images(tar) if asked[i] == 1)
+
+
 def test_the_shard_command_imports_pandas_only_when_it_needs_it() -> None:
     """``import pandas`` is ~0.13 s: the shard command's modules leave it to first use (or to
     the run's background import), so the first request goes out without waiting for it."""

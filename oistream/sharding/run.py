@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import sys
 import time
@@ -213,14 +214,12 @@ def _plan_and_run(
             )
         selected = catalog.resolve_classes(queries, known)
 
-        # The images are held until the shard is built: only for a run of one split whose
-        # shard this process builds, which follows at once.
-        prefetch = (
-            workers is None
-            and options.executor == "local"
-            and not options.dry_run
-            and len(splits) == 1
-        )
+        # Fetched ahead and held until their shards are built, which follows at once for a
+        # local run of one split: the one shard this process builds, or the first one of each
+        # worker's (a Dask task would carry the bytes through the scheduler).
+        fetch_ahead = 0
+        if options.executor == "local" and not options.dry_run and len(splits) == 1:
+            fetch_ahead = 1 if workers is None else workers.processes
         # The class lists were read once for all splits: the first split's report counts
         # them, with everything else the cache did from the start.
         first = {"csv": first_csv, "bar": first_bar, "counted_from": CacheStats()}
@@ -229,7 +228,16 @@ def _plan_and_run(
             out = options.out if len(splits) == 1 else sources.join(options.out, split)
             one = dataclasses.replace(options, split=split, out=out)
             extra = first if index == 0 else {}
-            prepared.append(_prepare(one, selected, cache, prefetch=prefetch, **extra))
+            prepared.append(
+                _prepare(
+                    one,
+                    selected,
+                    cache,
+                    fetch_ahead=fetch_ahead,
+                    built_here=workers is None,
+                    **extra,
+                )
+            )
 
     if options.dry_run:
         for item in prepared:
@@ -362,14 +370,16 @@ def _prepare(
     csv: _OpenAhead | None = None,
     bar: _Bar | None = None,
     counted_from: CacheStats | None = None,
-    prefetch: bool = False,
+    fetch_ahead: int = 0,
+    built_here: bool = True,
 ) -> _Prepared:
     """Plan one split and run every check that can fail before fetching; write nothing.
 
     ``csv`` is this split's CSV already being opened (with its progress ``bar``);
-    ``counted_from`` the cache's counts this split's report starts from (default: now). With
-    ``prefetch``, when one shard is left to build, its first images (up to
-    ``PREFETCH_BYTES``) and each zip's masks are fetched while the zips' directories are read.
+    ``counted_from`` the cache's counts this split's report starts from (default: now). The
+    first ``fetch_ahead`` shards left to build have their images (up to ``PREFETCH_BYTES``)
+    fetched while the zips' directories are read; a shard this process builds (``built_here``),
+    when it is the only one, has each zip's masks fetched too (``_locate_and_prefetch``).
     """
     split, out = o.split, o.out
     images_options = sources.storage_options(o.images, o.endpoint_url)
@@ -469,7 +479,8 @@ def _prepare(
                         images_options,
                         cache,
                         lambda total: bar.update(1, total),
-                        todo[0] if prefetch and len(todo) == 1 else None,
+                        todo[:fetch_ahead],
+                        built_here and len(todo) == 1,
                     )
                 )
             finally:
@@ -515,28 +526,36 @@ async def _locate_and_prefetch(
     images_options: dict[str, Any],
     cache: MetadataCache,
     on_directory: Callable[[int], None],
-    shard_index: int | None,
+    shard_indexes: list[int],
+    with_masks: bool,
 ) -> tuple[MemberLocations, ShardPrefetch | None]:
-    """The masks' places in their zips and, on the same loop, shard ``shard_index``'s images
-    and each zip's masks as soon as its directory is in (``prefetch.ShardPrefetch``), the two
-    sharing ``--concurrency``."""
+    """The masks' places in their zips and, on the same loop, the images of shards
+    ``shard_indexes`` (``prefetch.ShardPrefetch``), the two sharing ``--concurrency``.
+
+    ``with_masks`` (one shard, built by this process): each zip's masks are fetched as soon as
+    its directory is in, and the prefetch goes on past the directories with all of
+    ``--concurrency``. Without (the first shard of each worker): images only, until the last
+    directory is in, so the workers start at once.
+    """
     ahead = None
-    if shard_index is not None and o.concurrency > LOCATE_CONCURRENCY:
+    if shard_indexes and o.concurrency > LOCATE_CONCURRENCY:
         images_root, images_read_options = sources.reading_location(o.images, images_options)
+        metadata = None
+        if with_masks:
+            metadata_fs = await sources.open_async_filesystem(metadata_root, metadata_options)
+            metadata = (metadata_fs, metadata_root)
         ahead = ShardPrefetch(
             Fetcher(concurrency=o.concurrency - LOCATE_CONCURRENCY, retry=_retry_policy(o)),
             PREFETCH_BYTES,
             plan.split,
-            plan.shard_ids[shard_index],
-            plan.shard_mask_paths(shard_index),
+            # Interleaved: each worker's first shard gets its share of what arrives in time.
+            _interleaved([plan.shard_ids[index] for index in shard_indexes]),
+            plan.shard_mask_paths(shard_indexes[0]) if with_masks else [],
             images=(
                 await sources.open_async_filesystem(images_root, images_read_options),
                 images_root,
             ),
-            metadata=(
-                await sources.open_async_filesystem(metadata_root, metadata_options),
-                metadata_root,
-            ),
+            metadata=metadata,
             max_member_bytes=o.max_member_bytes,
         )
     located = locate_members(
@@ -556,8 +575,11 @@ async def _locate_and_prefetch(
     async def locate_then_lend() -> MemberLocations:
         try:
             return await located
-        finally:  # the directories' share of --concurrency goes to the masks still to fetch
-            ahead_fetcher.widen(o.concurrency - ahead_fetcher.concurrency)
+        finally:
+            if with_masks:  # the directories' share of --concurrency goes to the masks
+                ahead_fetcher.widen(o.concurrency - ahead_fetcher.concurrency)
+            else:  # the workers take over
+                ahead.stop()
 
     try:
         members, _ = await asyncio.gather(
@@ -568,6 +590,11 @@ async def _locate_and_prefetch(
         for fs in ahead.filesystems:
             await sources.close_async_filesystem(fs)
     return members, ahead
+
+
+def _interleaved(lists: list[list[str]]) -> list[str]:
+    """The first of each list, then the second of each, and so on."""
+    return [item for group in itertools.zip_longest(*lists) for item in group if item is not None]
 
 
 def _run_event_loop(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -671,16 +698,23 @@ def _execute(
 
         def task(index: int) -> ShardTask:
             spec = plan.shard(index)
-            paths = (path for sample in spec.samples for _, path in sample.masks)
+            paths = [path for sample in spec.samples for _, path in sample.masks]
             members = {p: located.members[p] for p in paths if p in located.members}
+            # What was fetched ahead for this shard leaves the run's hands with its task.
+            images = {
+                s.image_id: item.images.pop(s.image_id)
+                for s in spec.samples
+                if s.image_id in item.images
+            }
+            masks = {p: item.masks.pop(p) for p in paths if p in item.masks}
             return ShardTask(
                 spec,
                 members,
                 located.zip_errors,
                 located.zip_transient,
                 located.zip_objects,
-                images=item.images,
-                masks=item.masks,
+                images=images,
+                masks=masks,
             )
 
         # Made one by one as workers free up: a shard's records exist only while it is built.
