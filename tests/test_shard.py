@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -14,6 +15,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -469,6 +471,22 @@ def test_the_located_members_come_out_of_the_event_loop_without_being_formatted(
     assert Counted.formatted == 0
 
 
+@contextlib.contextmanager
+def _each_image_timed(
+    s3, fake_bucket: Path, split: str, latency: float, monkeypatch
+) -> Iterator[tuple[FaultProxy, list[str]]]:
+    """A proxy adding ``latency`` in front of the fake bucket's S3 server, for the runs in the
+    block: each image of ``split`` is a request kind of its own (named by its ID), the mask
+    zips' GETs are kind "zips". Yields the proxy and the image IDs."""
+    images = sorted(p.stem for p in (fake_bucket / "open-images-dataset" / split).iterdir())
+    kinds = [(i, f"GET /open-images-dataset/{split}/{i}.jpg ".encode()) for i in images]
+    with FaultProxy(s3.endpoint_url, latency=latency) as proxy:
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint_url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
+        proxy.reset_stats(kinds=[*kinds, ("zips", f"GET /openimages/v5/{split}-masks/".encode())])
+        yield proxy, images
+
+
 def test_one_shard_built_here_fetches_its_images_and_masks_while_the_directories_are_read(
     s3, s3_env, fake_bucket, tmp_path, monkeypatch
 ):
@@ -492,13 +510,8 @@ def test_one_shard_built_here_fetches_its_images_and_masks_while_the_directories
 
     # One kind per image: the images check asks the first planned one for its first byte
     # before any directory is read, so the kind to time is an image asked for once.
-    images = sorted(p.stem for p in (fake_bucket / "open-images-dataset" / "validation").iterdir())
-    kinds = [(i, f"GET /open-images-dataset/validation/{i}.jpg ".encode()) for i in images]
     latency = 0.2
-    with FaultProxy(s3.endpoint_url, latency=latency) as proxy:
-        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint_url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
-        proxy.reset_stats(kinds=[*kinds, ("zips", b"GET /openimages/v5/validation-masks/")])
+    with _each_image_timed(s3, fake_bucket, "validation", latency, monkeypatch) as (proxy, images):
         assert main(one_shard(tmp_path / "ahead")) == 0
         stats = proxy.stats
         assert asked_by_the_job == []
@@ -523,13 +536,8 @@ def test_the_workers_first_shards_arrive_with_their_images_fetched_while_the_dir
     shards are those of a run without it, byte for byte."""
     from oistream.sharding import run
 
-    images = sorted(p.stem for p in (fake_bucket / "open-images-dataset" / "train").iterdir())
-    kinds = [(i, f"GET /open-images-dataset/train/{i}.jpg ".encode()) for i in images]
     latency = 0.2
-    with FaultProxy(s3.endpoint_url, latency=latency) as proxy:
-        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", proxy.endpoint_url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
-        proxy.reset_stats(kinds=[*kinds, ("zips", b"GET /openimages/v5/train-masks/")])
+    with _each_image_timed(s3, fake_bucket, "train", latency, monkeypatch) as (proxy, _):
         assert main(shard_args("train", tmp_path / "ahead", "--processes", "2")) == 0
         stats = proxy.stats
         monkeypatch.setattr(run, "PREFETCH_BYTES", 0)
