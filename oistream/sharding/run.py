@@ -55,10 +55,11 @@ T = TypeVar("T")
 
 # A dry run estimates the images' bytes from this many HEADs (planned images, in hash order).
 IMAGES_SAMPLED = 8
-# Image and mask bytes fetched while the zips' directories are read, when this process builds
-# the run's one shard itself (``prefetch.ShardPrefetch``): about a thousand real Open Images
-# JPEGs (~64 kB to a few MB each) with their masks, a small selection. On the 1% benchmark
-# (940 images 100 ms away) the directories took 0.5 s in which no image was asked for.
+# Image and mask bytes fetched while the zips' directories are read (``prefetch.ShardPrefetch``)
+# for the run's first shards, held until their jobs take them: about a thousand real Open
+# Images JPEGs (~64 kB to a few MB each) with their masks, a small selection. On the 1%
+# benchmark (940 images 100 ms away) the directories took 0.5 s in which no image was asked
+# for, on the 20% one 1 s.
 PREFETCH_BYTES = 256 * 2**20
 # The zips' directories' share of --concurrency (the images fetched beside them get the rest):
 # 16 zips of one to three requests each, the directory parts under their byte budget (at most
