@@ -46,6 +46,12 @@ def image_url(images_root: str, split: str, image_id: str) -> str:
     return f"{images_root.rstrip('/')}/{split}/{image_id}.jpg"
 
 
+def mask_zip_prefix(mask_path: str) -> str:
+    """Which zip holds the mask: a MaskPath starts with its ImageID, whose first hex digit
+    names the zip (``mask_zip_url``'s ``prefix``)."""
+    return mask_path[:1]
+
+
 def mask_zip_url(metadata_root: str, split: str, prefix: str) -> str:
     return f"{metadata_root.rstrip('/')}/v5/{split}-masks/{split}-masks-{prefix}.zip"
 

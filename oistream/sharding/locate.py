@@ -74,8 +74,7 @@ async def locate_members(
     one is closed when the last directory is read)."""
     wanted: dict[str, set[str]] = defaultdict(set)
     for mask_path in plan.mask_paths():
-        # MaskPath starts with the ImageID, whose first hex digit names the zip.
-        wanted[mask_path[0]].add(mask_path)
+        wanted[sources.mask_zip_prefix(mask_path)].add(mask_path)
     if cache is None and cache_dir:
         cache = CentralDirectoryCache(cache_dir)
     return await _locate(

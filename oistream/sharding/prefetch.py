@@ -60,10 +60,9 @@ class ShardPrefetch:
         self.max_member_bytes = max_member_bytes
         self._images_fs, self._images_root = images
         self._metadata = metadata
-        # MaskPath starts with the ImageID, whose first hex digit names the zip.
         self._masks_by_zip: dict[str, list[str]] = defaultdict(list)
         for path in mask_paths:
-            self._masks_by_zip[path[:1]].append(path)
+            self._masks_by_zip[sources.mask_zip_prefix(path)].append(path)
         self.images: dict[str, bytes] = {}
         self.masks: dict[str, bytes] = {}
         self.failed = False
