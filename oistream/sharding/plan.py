@@ -77,17 +77,20 @@ class Plan:
     def mask_paths(self) -> list[str]:
         return self._rows["MaskPath"].tolist()
 
-    def shard_mask_paths(self, index: int) -> list[str]:
-        """The MaskPaths of shard ``index``'s images, in plan order."""
+    def _shard_rows(self, index: int) -> np.ndarray:
+        """Row positions of shard ``index``'s images, in plan order."""
         ids = self.shard_ids[index]
         if not ids:
-            return []
-        positions = np.concatenate([self._positions[i] for i in ids])
-        return self._rows["MaskPath"].to_numpy()[positions].tolist()
+            return np.zeros(0, dtype=np.intp)
+        return np.concatenate([self._positions[i] for i in ids])
+
+    def shard_mask_paths(self, index: int) -> list[str]:
+        """The MaskPaths of shard ``index``'s images, in plan order."""
+        return self._rows["MaskPath"].to_numpy()[self._shard_rows(index)].tolist()
 
     def shard(self, index: int) -> ShardSpec:
         ids = self.shard_ids[index]
-        rows = self._rows.iloc[np.concatenate([self._positions[i] for i in ids])] if ids else None
+        rows = self._rows.iloc[self._shard_rows(index)] if ids else None
         samples = []
         if rows is not None:
             table = SegmentationTable(
