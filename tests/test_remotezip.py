@@ -29,6 +29,8 @@ from oistream.sharding.remotezip import (
     CorruptMember,
     CorruptZip,
     ZipMember,
+    _parse_central_directory,
+    _tiled_entries,
     coalesce,
     fetch_members,
     member_span,
@@ -613,3 +615,89 @@ def test_a_byte_budget_holds_at_most_its_limit_and_lets_an_oversized_request_go_
     in_at_first, peaks = asyncio.run(scenario())
     assert in_at_first == 2  # 60 + 30 fit; 40 would make 130
     assert max(peaks) <= 100 and len(peaks) == 4  # the 500-byte request went, alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The central directory's parse: numpy finds the entries, the walk judges a broken directory
+
+
+def directory_of(data: bytes) -> tuple[bytes, int]:
+    """The central directory of a zip without Zip64 records, and its entry count."""
+    end = data.rfind(zipfile.stringEndArchive)
+    _, _, _, _, entries, size, offset, _ = struct.unpack_from(zipfile.structEndArchive, data, end)
+    return data[offset : offset + size], entries
+
+
+# Names that the fast path must not trip over: a signature inside a name (the entries then no
+# longer tile by signatures alone), names shorter than the 8-byte key, non-ASCII names.
+AWKWARD_NAMES = ["PK\x01\x02.png", "a", "abcdefg", "é", "x/PK\x01\x02PK\x01\x02", "名前.png"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    awkward=st.lists(st.sampled_from(AWKWARD_NAMES), unique=True),
+    share=st.floats(0.0, 1.0),
+)
+def test_parse_finds_what_zipfile_finds(seed: int, awkward: list[str], share: float) -> None:
+    rng = random.Random(seed)
+    names = sorted({mask_name(rng) for _ in range(rng.randrange(0, 300))} | set(awkward))
+    data = build_zip([(name, b"", zipfile.ZIP_STORED) for name in names])
+    directory, entries = directory_of(data)
+    wanted = {name for name in names if rng.random() < share} | {"absent.png", "ab", mask_name(rng)}
+    assert _parse_central_directory(directory, entries, 0, wanted, "z") == zipfile_members(
+        data, wanted
+    )
+    assert _parse_central_directory(directory, entries, 0, None, "z") == zipfile_members(data)
+    if not any("PK\x01\x02" in name for name in names):
+        assert _tiled_entries(directory) is not None  # found by their signatures
+
+
+def test_a_signature_inside_a_name_sends_the_parse_to_the_walk() -> None:
+    rng = random.Random(7)
+    names = sorted([mask_name(rng) for _ in range(50)] + ["PK\x01\x02.png"])
+    assert 0 < names.index("PK\x01\x02.png") < 50  # an entry follows it: the chain breaks
+    data = build_zip([(name, b"", zipfile.ZIP_STORED) for name in names])
+    directory, entries = directory_of(data)
+    assert _tiled_entries(directory) is None
+    wanted = {"PK\x01\x02.png", names[0], names[-1]}
+    assert _parse_central_directory(directory, entries, 0, wanted, "z") == zipfile_members(
+        data, wanted
+    )
+
+
+def test_a_name_stored_in_cp437_is_found_by_its_cp437_bytes() -> None:
+    """Without the UTF-8 flag a name's bytes are cp437: b'\\xc3\\xa9' is '├⌐', not 'é'."""
+    data = bytearray(build_zip([("é.png", b"mask", zipfile.ZIP_STORED)]))
+    for signature, flag_at in ((zipfile.stringFileHeader, 6), (zipfile.stringCentralDir, 8)):
+        at = data.find(signature) + flag_at
+        data[at : at + 2] = struct.pack("<H", struct.unpack_from("<H", data, at)[0] & ~0x800)
+    directory, entries = directory_of(bytes(data))
+    assert list(zipfile_members(bytes(data))) == ["├⌐.png"]  # zipfile reads it so too
+    found = _parse_central_directory(directory, entries, 0, {"├⌐.png", "é.png"}, "z")
+    assert found == zipfile_members(bytes(data))
+
+
+def test_a_broken_directory_is_refused_where_it_breaks() -> None:
+    names = [mask_name(random.Random(i)) for i in range(3)]
+    directory, entries = directory_of(build_zip([(n, b"", zipfile.ZIP_STORED) for n in names]))
+    second = 46 + len(names[0])
+    broken = {
+        directory[:-5]: "z: central directory entry runs past its end",
+        directory + b"PK\x01\x02": "z: truncated central directory",
+        directory[:second] + b"XXXX" + directory[second + 4 :]: (
+            f"z: bad central directory entry at {second}"
+        ),
+    }
+    for data, message in broken.items():
+        with pytest.raises(CorruptZip) as raised:
+            _parse_central_directory(data, entries, 0, None, "z")
+        assert str(raised.value) == message
+
+
+def test_an_entry_count_other_than_the_end_records_is_refused() -> None:
+    directory, entries = directory_of(build_zip([("a.png", b"", zipfile.ZIP_STORED)]))
+    with pytest.raises(CorruptZip, match="holds 1 entries, the end record says 2"):
+        _parse_central_directory(directory, entries + 1, 0, None, "z")
+    # Writers that store the count modulo 65536 are read as they meant.
+    assert list(_parse_central_directory(directory, entries + 65536, 0, None, "z")) == ["a.png"]
