@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import struct
+import tracemalloc
 import uuid
 import zipfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import s3fs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oistream.sharding import remotezip
 from oistream.sharding.fetch import Fetcher, MissingObject, RetryPolicy
 from oistream.sharding.remotezip import (
     LOCAL_EXTRA_MARGIN,
@@ -649,8 +651,12 @@ def test_parse_finds_what_zipfile_finds(seed: int, awkward: list[str], share: fl
         data, wanted
     )
     assert _parse_central_directory(directory, entries, 0, None, "z") == zipfile_members(data)
-    if not any("PK\x01\x02" in name for name in names):
+    if names and not any("PK\x01\x02" in name for name in names):
         assert _tiled_entries(directory) is not None  # found by their signatures
+    with mock.patch.object(remotezip, "_NUMPY_PARSE_MAX_BYTES", 0):  # walked, as a big one is
+        assert _parse_central_directory(directory, entries, 0, wanted, "z") == zipfile_members(
+            data, wanted
+        )
 
 
 def test_a_signature_inside_a_name_sends_the_parse_to_the_walk() -> None:
@@ -701,3 +707,17 @@ def test_an_entry_count_other_than_the_end_records_is_refused() -> None:
         _parse_central_directory(directory, entries + 1, 0, None, "z")
     # Writers that store the count modulo 65536 are read as they meant.
     assert list(_parse_central_directory(directory, entries + 65536, 0, None, "z")) == ["a.png"]
+
+
+def test_a_directory_of_signature_bytes_costs_no_index_per_byte() -> None:
+    """32 MB of 'P' (the signature's first byte): without a bound on their count, numpy would
+    index every one of them (256 MB of positions) before finding that none starts an entry."""
+    flood = b"P" * (32 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptZip, match="bad central directory entry at 0"):
+            _parse_central_directory(flood, 1, 0, {"a.png"}, "z")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(flood)
