@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _classes(args: argparse.Namespace) -> None:
-    from oistream.sharding import catalog
+    from oistream.sharding import classes
     from oistream.sharding.cache import MetadataCache
     from oistream.sharding.run import resolve_cache_dir
 
@@ -331,10 +331,10 @@ def _classes(args: argparse.Namespace) -> None:
         raise OistreamError("--counts needs --split S (the split whose CSV is counted)")
     options = sources.storage_options(args.metadata, args.endpoint_url)
     cache = MetadataCache(resolve_cache_dir(args.cache))
-    known = catalog.load_classes(args.metadata, options, cat=lambda url: cache.cat(url, options))
-    found = catalog.search_classes(args.query, known)
+    known = classes.load_classes(args.metadata, options, cat=lambda url: cache.cat(url, options))
+    found = classes.search_classes(args.query, known)
     if not found:
-        close = catalog.closest_names(args.query, known)
+        close = classes.closest_names(args.query, known)
         hint = f"closest: {', '.join(close)}" if close else "run `oistream classes` for all"
         raise OistreamError(f"no segmentable class matches {args.query!r}; {hint}")
     if not args.counts:

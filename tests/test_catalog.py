@@ -19,15 +19,12 @@ from oistream import sources
 from oistream.errors import OistreamError
 from oistream.sharding import catalog
 from oistream.sharding.catalog import (
-    OIClass,
     SegmentationTable,
     iter_image_instances,
-    load_classes,
     parse_clicks,
     read_segmentations,
-    resolve_classes,
-    search_classes,
 )
+from oistream.sharding.classes import OIClass, load_classes, resolve_classes, search_classes
 
 HEADER = "MaskPath,ImageID,LabelName,BoxID,BoxXMin,BoxXMax,BoxYMin,BoxYMax,PredictedIoU,Clicks"
 PERSON, CAR, TREE = "/m/01g317", "/m/0k4j", "/m/07j7r"

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from oistream.errors import OistreamError
 from oistream.sharding import catalog
-from oistream.sharding.catalog import OIClass, SegmentationTable, Selection, read_segmentations
+from oistream.sharding.catalog import SegmentationTable, Selection, read_segmentations
+from oistream.sharding.classes import OIClass
 from oistream.sharding.plan import hash_order_key, make_plan
 
 PERSON = OIClass("/m/01g317", "Person")

@@ -574,6 +574,21 @@ def test_the_shard_command_imports_pandas_only_when_it_needs_it() -> None:
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+def test_the_shard_command_reads_its_class_lists_before_importing_numpy() -> None:
+    """numpy (0.1-0.2 s) comes with the CSV's modules, which a run imports on a thread while
+    its class lists are read: the command's modules, class file and class lists do without."""
+    code = (
+        "import sys, oistream.cli, oistream.sharding.run, oistream.sharding.shardjob; "
+        "from oistream.sharding import classes, selection; "
+        "before = 'numpy' in sys.modules; "
+        "from oistream.sharding.lazypandas import import_in_background; "
+        "import_in_background('oistream.sharding.plan'); "
+        "from oistream.sharding import plan; "
+        "sys.exit(2 * before + ('numpy' not in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
 def test_the_shard_command_leaves_botocore_to_s3fs() -> None:
     """botocore (with urllib3 and dateutil, ~0.15 s of imports) is s3fs's: the plain-HTTP
     shard path never loads it, and its errors are classified once s3fs has loaded it."""

@@ -19,8 +19,9 @@ from typing import Any
 
 from oistream import sources
 from oistream.errors import OistreamError
-from oistream.sharding.catalog import OIClass, _read_line_blocks, _read_text
+from oistream.sharding.classes import OIClass
 from oistream.sharding.lazypandas import pd
+from oistream.sharding.textfiles import _read_line_blocks, _read_text
 
 BOX_HEADER = (
     "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,"
@@ -256,7 +257,7 @@ def expanded_queries(
     cache: Any = None,
 ) -> list[str]:
     """The class queries of ``--expand-hierarchy`` as segmentable MIDs."""
-    from oistream.sharding.catalog import _parse_descriptions
+    from oistream.sharding.classes import _parse_descriptions
 
     tree = load_hierarchy(metadata_root, options, cache)
     url = sources.class_descriptions_url(metadata_root)

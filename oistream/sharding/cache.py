@@ -122,7 +122,7 @@ class MetadataCache:
     def __init__(self, directory: str | os.PathLike[str] | None) -> None:
         self.directory = None if directory is None else os.fspath(directory)
         self.stats = CacheStats()
-        # The class lists are read side by side (``catalog.load_classes``): counts under a lock.
+        # The class lists are read side by side (``classes.load_classes``): counts under a lock.
         self._stats_lock = threading.Lock()
         # The small files ``cat`` handed out in this run: the hierarchy and class descriptions
         # are asked for by several steps (and per split), and are never read twice, not even

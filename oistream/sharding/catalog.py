@@ -1,4 +1,4 @@
-"""The catalog: which classes exist, and which segmentation rows belong to the selected ones.
+"""The catalog: which segmentation rows belong to the selected classes (``classes``: which exist).
 
 The train segmentation CSV has ~2.7M rows. Other tools read it whole with pandas before they
 filter it. Here it is streamed in blocks of bytes, and numpy finds every line's field count and
@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import difflib
 import hashlib
 import io
 import json
 import math
-import queue
 import re
-import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from oistream import sources
-from oistream.errors import OistreamError, storage_reason
+from oistream.errors import OistreamError
 from oistream.sharding.lazypandas import pd
+from oistream.sharding.textfiles import MAX_ROW_BYTES, _read_line_blocks, cannot_read
 
 COLUMNS = (
     "MaskPath",
@@ -71,8 +68,8 @@ _CLICK = rf"(?>{_NUMBER}[ \t]++{_NUMBER}[ \t]++[01])"
 # passes validation always parses.
 _CLICKS_PATTERN = rf"[ \t\r\n]*+(?:{_CLICK}(?>[ \t]*+;[ \t]*+{_CLICK})*+)?+[ \t\r\n]*+"
 # Size caps, far above real data (rows are 150-400 bytes, Clicks 1-20 triples of ~20 bytes):
-# a longer field or row is malformed and counted, and never reaches pandas or the pattern.
-MAX_ROW_BYTES = 8192
+# a longer field or row (MAX_ROW_BYTES, textfiles) is malformed and counted, and never reaches
+# pandas or the pattern.
 MAX_FIELD_BYTES = {
     "Clicks": 4096,
     "PredictedIoU": 32,
@@ -90,115 +87,6 @@ for _place, _byte in enumerate(_TRIPLE):
 _TRIPLE_ALLOWED = _TRIPLE_ALLOWED.ravel()
 _TRIPLE_COLUMNS = np.arange(len(_TRIPLE), dtype=np.int32) * 256
 _CLICKS_ROWS_PER_STEP = 512  # measured: 2.3 us a row here, the pattern 5.3
-
-
-# ---------------------------------------------------------------------------------------------
-# Classes
-
-
-@dataclass(frozen=True)
-class OIClass:
-    mid: str  # "/m/01g317"
-    name: str  # "Person"
-
-
-def load_classes(
-    metadata_root: str, options: dict | None = None, cat: Callable[[str], bytes] | None = None
-) -> list[OIClass]:
-    """The segmentable classes, in the order of ``classes-segmentation.txt``, with display names.
-
-    Names come from V7's ``oidv7-class-descriptions-boxable.csv`` (with header) or, when that file
-    does not exist, from V5's ``class-descriptions-boxable.csv`` (no header). ``cat(url)`` reads
-    a whole file instead of fsspec's ``cat_file`` (the metadata cache passes its own).
-    """
-    segmentable_url = sources.segmentable_classes_url(metadata_root)
-    # The two lists are independent: the descriptions are read beside the segmentable list, so
-    # their round trips (a HEAD and a GET each) overlap instead of following one another.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        descriptions = pool.submit(_read_descriptions, metadata_root, options, cat)
-        text = _read_text(segmentable_url, options, cat=cat)
-        names = _parse_descriptions(descriptions.result())
-    mids = list(dict.fromkeys(line.strip() for line in text.splitlines()))
-    mids = [mid for mid in mids if mid]
-    # A segmentable MID without a description would be a broken metadata root; keep it usable by
-    # its MID rather than dropping a class the masks contain.
-    return [OIClass(mid, names.get(mid, mid)) for mid in mids]
-
-
-def _read_descriptions(
-    metadata_root: str, options: dict | None, cat: Callable[[str], bytes] | None
-) -> str:
-    """V7's class descriptions, or V5's where V7's file does not exist."""
-    v7_url = sources.class_descriptions_url(metadata_root)
-    v5_url = sources.v5_class_descriptions_url(metadata_root)
-    try:
-        return _read_text(v7_url, options, missing_ok=True, cat=cat)
-    except _Missing:
-        try:
-            return _read_text(v5_url, options, missing_ok=True, cat=cat)
-        except _Missing:
-            raise OistreamError(
-                f"class descriptions not found: neither {v7_url} nor {v5_url}"
-            ) from None
-
-
-def _parse_descriptions(text: str) -> dict[str, str]:
-    """MID -> display name; the ``LabelName,DisplayName`` header line (V7) is optional (V5)."""
-    names: dict[str, str] = {}
-    for row in csv.reader(io.StringIO(text)):
-        if len(row) < 2 or row[:2] == ["LabelName", "DisplayName"]:
-            continue
-        names.setdefault(row[0].strip(), row[1].strip())
-    return names
-
-
-def search_classes(query: str | None, classes: list[OIClass]) -> list[OIClass]:
-    """Classes whose name or MID contains ``query``, case-insensitively; all of them for None."""
-    if not query or not query.strip():
-        return list(classes)
-    needle = query.strip().casefold()
-    return [c for c in classes if needle in c.name.casefold() or needle in c.mid.casefold()]
-
-
-def resolve_classes(queries: Sequence[str], classes: list[OIClass]) -> list[OIClass]:
-    """Each query as a display name (case-insensitive) or a MID, in the order given, no repeats."""
-    by_mid = {c.mid.casefold(): c for c in classes}
-    by_name: dict[str, list[OIClass]] = {}
-    for c in classes:
-        by_name.setdefault(c.name.casefold(), []).append(c)
-
-    resolved: dict[str, OIClass] = {}
-    unknown: list[str] = []
-    for query in queries:
-        key = query.strip().casefold()
-        if key in by_mid:
-            found = by_mid[key]
-        elif len(by_name.get(key, [])) == 1:
-            found = by_name[key][0]
-        elif key in by_name:
-            mids = ", ".join(c.mid for c in by_name[key])
-            raise OistreamError(f"class name {query!r} is ambiguous ({mids}); give the MID")
-        else:
-            unknown.append(query)
-            continue
-        resolved.setdefault(found.mid, found)
-    if unknown:  # every one of them at once, not one per attempt
-        raise OistreamError("; ".join(unknown_class_message(q, classes) for q in unknown))
-    return list(resolved.values())
-
-
-def closest_names(query: str, classes: list[OIClass], n: int = 5) -> list[str]:
-    """Display names closest to ``query`` (difflib), best first; used by `shard` and `classes`."""
-    names = {c.name.casefold(): c.name for c in classes}
-    close = difflib.get_close_matches(query.strip().casefold(), list(names), n=n, cutoff=0.5)
-    return [names[c] for c in close]
-
-
-def unknown_class_message(query: str, classes: list[OIClass]) -> str:
-    close = closest_names(query, classes)
-    if not close:
-        return f"unknown class {query!r}; list the classes with `oistream classes [QUERY]`"
-    return f"unknown class {query!r}; closest: {', '.join(close)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1109,175 +997,3 @@ def iter_image_instances(
                 }
             )
         yield image_id, instances
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading through fsspec
-
-
-def _read_text(
-    url: str,
-    options: dict | None,
-    *,
-    missing_ok: bool = False,
-    cat: Callable[[str], bytes] | None = None,
-) -> str:
-    """A small text file, whole. With ``missing_ok``, "not there" propagates as _Missing."""
-    try:
-        if cat is not None:
-            data = cat(url)
-        else:
-            fs, path = sources.filesystem(url, options)
-            data = fs.cat_file(path)
-    except (FileNotFoundError, PermissionError) as error:
-        # Anonymous S3 answers 403, not 404, for a key that does not exist.
-        if missing_ok:
-            raise _Missing(url) from error
-        raise cannot_read(url, error) from None
-    except Exception as error:  # any failure of the storage layer is the user's to fix
-        raise cannot_read(url, error) from error
-    return data.decode("utf-8", errors="replace").lstrip("\ufeff")
-
-
-def cannot_read(url: str, error: BaseException) -> OistreamError:
-    """The one line for a metadata file the storage layer failed to hand over."""
-    return OistreamError(f"cannot read {url}: {storage_reason(error)}")
-
-
-class _Missing(Exception):
-    """An optional file is absent (or forbidden), so a fallback may be tried."""
-
-
-def _read_line_blocks(
-    url: str, options: dict | None, block_bytes: int, opener: Callable[[], Any] | None = None
-) -> Iterator[tuple[int, bytes | memoryview]]:
-    """The first line, then blocks of complete newline-terminated lines, streamed from ``url``;
-    each with its offset in the file, so that a line can be read again by its place.
-
-    A line over MAX_ROW_BYTES is cut to a stub and handed out as a block of its own: the blocks
-    after it start where the file does. Only the storage calls are guarded: a failure there
-    becomes a one-line OistreamError.
-    """
-
-    def fail(error: Exception) -> OistreamError:
-        return cannot_read(url, error)
-
-    try:
-        if opener is not None:
-            file = opener()
-        else:
-            fs, path = sources.filesystem(url, options)
-            file = fs.open(path, "rb")
-    except Exception as error:
-        raise fail(error) from error
-    with file:
-        # The header is looked for in the first MAX_ROW_BYTES only: a file without newlines must
-        # not be read whole to find its first line.
-        try:
-            start = file.read(MAX_ROW_BYTES)
-        except Exception as error:
-            raise fail(error) from error
-        newline = start.find(b"\n")
-        yield 0, start if newline < 0 else start[: newline + 1]
-        with _ReadAhead(file, block_bytes) as pieces:
-            yield from _complete_lines(pieces, start, newline, fail)
-
-
-class _ReadAhead:
-    """``file.read(size)`` pieces read one step ahead on a thread of their own, so that the
-    next piece arrives while this one is parsed.
-
-    Reading and parsing the CSV used to take turns: on the shard benchmark's 326k-row CSV, 100 ms
-    away, 2.3 s of transfer and ~2 s of parsing one after the other. At most ``depth`` pieces
-    wait (memory: those, the one being read and the one being parsed); a failure while reading
-    is raised to the consumer at the piece it would have been; leaving the ``with`` block early
-    stops the thread before the file is closed.
-    """
-
-    def __init__(self, file: Any, size: int, depth: int = 1) -> None:
-        self._file, self._size = file, size
-        self._pieces: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="csv-read-ahead", daemon=True)
-
-    def __enter__(self) -> Iterator[bytes]:
-        self._thread.start()
-        return self._iterate()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        while self._thread.is_alive():  # unblock a put waiting for room
-            with contextlib.suppress(queue.Empty):
-                self._pieces.get(timeout=0.05)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                piece: bytes | BaseException = self._file.read(self._size)
-            except BaseException as error:  # handed to the consumer, raised there
-                piece = error
-            while not self._stop.is_set():
-                try:
-                    self._pieces.put(piece, timeout=0.05)
-                    break
-                except queue.Full:
-                    continue
-            if not piece or isinstance(piece, BaseException):
-                return
-
-    def _iterate(self) -> Iterator[bytes]:
-        while True:
-            piece = self._pieces.get()
-            if isinstance(piece, BaseException):
-                raise piece
-            if not piece:
-                return
-            yield piece
-
-
-def _complete_lines(
-    pieces: Iterator[bytes],
-    start: bytes,
-    newline: int,
-    fail: Callable[[Exception], OistreamError],
-) -> Iterator[tuple[int, bytes | memoryview]]:
-    """Blocks of complete lines from the pieces after the first read (``start``, whose first
-    newline is at ``newline``), each with its offset in the file (``_read_line_blocks``)."""
-    # Blocks are handed out as views, not copies; only the partial last line is carried over.
-    carry = b"" if newline < 0 else start[newline + 1 :]
-    carry_offset = newline + 1  # where carry starts in the file
-    position = len(start)  # where the next read starts
-    skipping = newline < 0  # inside a line already too long: drop bytes up to its end
-    while True:
-        try:
-            chunk = next(pieces, b"")
-        except Exception as error:
-            raise fail(error) from error
-        if not chunk:
-            break
-        chunk_offset, position = position, position + len(chunk)
-        if skipping:
-            newline = chunk.find(b"\n")
-            if newline < 0:
-                continue
-            # The stub, one byte over the cap, so the line is still seen and counted as
-            # malformed; what follows it starts a block at its true offset.
-            yield carry_offset, carry + b"\n"
-            carry, skipping = b"", False
-            chunk, chunk_offset = chunk[newline + 1 :], chunk_offset + newline + 1
-        data_offset = carry_offset if carry else chunk_offset
-        data = carry + chunk if carry else chunk
-        del chunk
-        cut = data.rfind(b"\n") + 1
-        carry, carry_offset = data[cut:], data_offset + cut
-        if len(carry) > MAX_ROW_BYTES:
-            # Memory stays bounded however long the line runs.
-            carry, skipping = carry[: MAX_ROW_BYTES + 1], True
-        if cut:
-            complete = memoryview(data)[:cut]
-            del data  # the view alone keeps the block alive, for as long as the caller needs it
-            yield data_offset, complete
-            del complete
-    if carry:  # a last line without its newline
-        yield carry_offset, carry + b"\n"

@@ -22,8 +22,12 @@ class _Pandas:
 pd: Any = _Pandas()
 
 
-def import_in_background() -> None:
-    """Start importing pandas on a thread of its own; whoever uses ``pd`` first waits for it."""
-    threading.Thread(
-        target=importlib.import_module, args=("pandas",), name="import-pandas", daemon=True
-    ).start()
+def import_in_background(*modules: str) -> None:
+    """Start importing ``modules`` (default: pandas), in their order, on a thread of its own;
+    whoever imports one of them (or uses ``pd``) first waits for it."""
+
+    def import_each() -> None:
+        for module in modules or ("pandas",):
+            importlib.import_module(module)
+
+    threading.Thread(target=import_each, name="import-in-background", daemon=True).start()

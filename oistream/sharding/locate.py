@@ -10,11 +10,10 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oistream import sources
 from oistream.sharding.fetch import Fetcher, FetchError, MissingObject, RetryPolicy
-from oistream.sharding.plan import Plan
 from oistream.sharding.remotezip import (
     ByteBudget,
     CentralDirectoryCache,
@@ -22,6 +21,9 @@ from oistream.sharding.remotezip import (
     ZipMember,
     read_zip_directory,
 )
+
+if TYPE_CHECKING:  # not at run time: plan imports numpy, which a run imports on a thread
+    from oistream.sharding.plan import Plan
 
 # Directory bytes fetched at once. Central directories of train zips are ~17 MB each: 8 at a
 # time hide the round trips and keep the peak small. A budget of bytes, not a count of zips:

@@ -17,7 +17,6 @@ import numpy as np
 
 from oistream.format import mask_field, shard_name
 from oistream.sharding.catalog import (
-    OIClass,
     SegmentationTable,
     clicks_json,
     hash_order_keys,
@@ -26,6 +25,7 @@ from oistream.sharding.catalog import (
 from oistream.sharding.catalog import (
     hash_order_key as hash_order_key,  # defined by the catalog, which ranks while it reads
 )
+from oistream.sharding.classes import OIClass
 from oistream.sharding.lazypandas import pd
 from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
 from oistream.sharding.specs import SampleSpec, ShardSpec

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from tqdm import tqdm
 
@@ -32,13 +32,12 @@ import oistream
 from oistream import sources
 from oistream.errors import OistreamError, one_line, storage_reason
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
-from oistream.sharding import annotations, catalog, executors, lazypandas
+from oistream.sharding import annotations, classes, executors, lazypandas
 from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
 from oistream.sharding.fetch import Fetcher, FetchStats, RetryPolicy
 from oistream.sharding.httpread import RequestCounter, RequestTally, head, probe
 from oistream.sharding.locate import MemberLocations, locate_members
 from oistream.sharding.options import DEFAULT_CACHE, ShardOptions, local_processes
-from oistream.sharding.plan import Plan, make_plan
 from oistream.sharding.prefetch import ShardPrefetch
 from oistream.sharding.remotezip import coalesce
 from oistream.sharding.selection import read_image_ids
@@ -50,6 +49,10 @@ from oistream.sharding.writer import (
     refuse_another_plan,
     refuse_foreign_files,
 )
+
+if TYPE_CHECKING:  # imported where used: numpy comes with them (see run_splits)
+    from oistream.sharding import catalog
+    from oistream.sharding.plan import Plan
 
 T = TypeVar("T")
 
@@ -160,7 +163,10 @@ def run_splits(options: ShardOptions) -> list[RunReport]:
         raise OistreamError(f"a split is named twice in {' '.join(splits)}")
     _check_executor(options)
     started = time.perf_counter()
-    lazypandas.import_in_background()  # the CSV's rows need it; the class lists come first
+    # What the CSV's rows need (numpy with the catalog and plan, then pandas) is imported on a
+    # thread while the class lists are read: 0.1-0.2 s that no longer comes before the first
+    # request.
+    lazypandas.import_in_background("oistream.sharding.plan", "pandas")
     with contextlib.ExitStack() as stack:
         workers = None
         processes = _local_processes(options)
@@ -205,7 +211,7 @@ def _plan_and_run(
         )
     )
     with contextlib.closing(first_csv):
-        known = catalog.load_classes(
+        known = classes.load_classes(
             options.metadata, whole_file_options, cat=lambda url: cache.cat(url, whole_file_options)
         )
         queries = list(options.classes)
@@ -213,7 +219,7 @@ def _plan_and_run(
             queries = annotations.expanded_queries(
                 queries, known, options.metadata, whole_file_options, cache
             )
-        selected = catalog.resolve_classes(queries, known)
+        selected = classes.resolve_classes(queries, known)
 
         # Fetched ahead and held until their shards are built, which follows at once for a
         # local run of one split: the one shard this process builds, or the first one of each
@@ -365,7 +371,7 @@ def _close_opened(opened: Future[BinaryIO]) -> None:
 
 def _prepare(
     o: ShardOptions,
-    selected: list[catalog.OIClass],
+    selected: list[classes.OIClass],
     cache: MetadataCache,
     *,
     csv: _OpenAhead | None = None,
@@ -382,6 +388,11 @@ def _prepare(
     fetched while the zips' directories are read; a shard this process builds (``built_here``),
     when it is the only one, has each zip's masks fetched too (``_locate_and_prefetch``).
     """
+    # Here rather than with this module: numpy comes with them, imported on a thread while
+    # the class lists were read (run_splits).
+    from oistream.sharding import catalog
+    from oistream.sharding.plan import make_plan
+
     split, out = o.split, o.out
     images_options = sources.storage_options(o.images, o.endpoint_url)
     metadata_options = sources.storage_options(o.metadata, o.endpoint_url)

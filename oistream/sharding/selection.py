@@ -17,11 +17,9 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-
 from oistream import sources
 from oistream.errors import OistreamError, one_line
-from oistream.sharding import catalog
+from oistream.sharding.textfiles import _read_line_blocks
 
 IMAGE_ID = re.compile(r"[0-9a-f]{16}")
 # A list of IDs is small (train has 1.7M images: ~31 MB as text); refuse anything far larger.
@@ -141,10 +139,15 @@ def count_classes(
     Only LabelName and ImageID of each line are looked at, in numpy, so counting every class of
     the train CSV keeps a few bytes per row (the distinct image/label pairs), not a DataFrame.
     """
+    # Here, not with the module: `oistream shard` reads its class file before numpy is imported.
+    import numpy as np
+
+    from oistream.sharding import catalog
+
     selected = frozenset(mids)
     width = max((len(m.encode()) for m in selected), default=0) + 1
     wanted = np.array(sorted(m.encode() for m in selected), dtype=f"S{width}")
-    blocks = catalog._read_line_blocks(csv_url, options, 8 * 2**20, opener)
+    blocks = _read_line_blocks(csv_url, options, 8 * 2**20, opener)
     instances: dict[bytes, int] = {}
     pairs: list[np.ndarray] = []
     with contextlib.closing(blocks):
