@@ -23,11 +23,11 @@ pd: Any = _Pandas()
 
 
 def import_in_background(*modules: str) -> None:
-    """Start importing ``modules`` (default: pandas), in their order, on a thread of its own;
-    whoever imports one of them (or uses ``pd``) first waits for it."""
+    """Start importing ``modules``, in their order, on a thread of its own; whoever imports one
+    of them (or uses ``pd``, when pandas is among them) first waits for it."""
 
     def import_each() -> None:
-        for module in modules or ("pandas",):
+        for module in modules:
             importlib.import_module(module)
 
     threading.Thread(target=import_each, name="import-in-background", daemon=True).start()
