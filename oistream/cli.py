@@ -15,12 +15,8 @@ from typing import NoReturn
 
 from oistream import __version__, sources
 from oistream.errors import OistreamError, one_line
-from oistream.exiting import leave_now
+from oistream.exiting import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, leave_now
 from oistream.sharding.options import MAX_LOCAL_PROCESSES, ShardOptions
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):

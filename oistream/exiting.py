@@ -1,4 +1,5 @@
-"""Leaving a process fast once its work is done and its files are closed."""
+"""How the ``oistream`` command leaves: its exit statuses, and fast once its work is done and its
+files are closed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import os
 import sys
 from typing import NoReturn
 
-__all__ = ["leave_now"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "leave_now"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def leave_now(code: int) -> NoReturn:

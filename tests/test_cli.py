@@ -92,6 +92,26 @@ def test_fake_bucket_command_writes_both_roots(tmp_path):
     assert "train 8 images" in result.stdout
 
 
+def test_a_ctrl_c_while_the_command_loads_is_one_line_and_130() -> None:
+    """The KeyboardInterrupt a Ctrl-C raises is raised here by an import hook the moment
+    ``oistream.cli`` is imported: what a user pressing it in the first 0.1 s gets."""
+    code = (
+        "import runpy, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'oistream.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['oistream', 'classes']\n"
+        "runpy.run_module('oistream', run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 130
+    assert result.stderr == "oistream: interrupted while starting; nothing was done\n"
+
+
 def test_the_entry_point_flushes_its_output_and_passes_the_exit_code_through(tmp_path):
     # `run` leaves by os._exit, skipping the interpreter's teardown: what was printed to a
     # pipe must still arrive whole, and the command's code must be the process's.
