@@ -53,10 +53,13 @@ _CHUNK_ROWS = 200_000
 _CHILD = r"""
 import hashlib, json, os, sys
 mode, path, per_class, mids = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
-import numpy as np, pandas as pd
-from oistream.sharding.catalog import Selection, read_segmentations
-from oistream.sharding.classes import OIClass
-from oistream.sharding.plan import select_images
+import numpy as np
+if mode == "pandas":
+    import pandas as pd
+else:  # ours does without pandas (rows.Rows), so its peak carries none of pandas' imports
+    from oistream.sharding.catalog import Selection, read_segmentations
+    from oistream.sharding.classes import OIClass
+    from oistream.sharding.plan import select_images
 start = os.times()
 if mode == "pandas":
     frame = pd.read_csv(path)

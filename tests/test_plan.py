@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -19,6 +20,7 @@ from oistream.sharding import catalog
 from oistream.sharding.catalog import SegmentationTable, Selection, read_segmentations
 from oistream.sharding.classes import OIClass
 from oistream.sharding.plan import hash_order_key, make_plan
+from oistream.sharding.rows import Rows, isin
 
 PERSON = OIClass("/m/01g317", "Person")
 CAR = OIClass("/m/0k4j", "Car")
@@ -43,8 +45,13 @@ def _table(rows: list[tuple[str, str]]) -> SegmentationTable:
                 "Clicks": "0.2 0.3 1;0.4 0.5 0",
             }
         )
+    numbers = ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax", "PredictedIoU")
+    columns = {
+        c: np.array([r[c] for r in records], dtype=float if c in numbers else object)
+        for c in catalog.COLUMNS
+    }
     return SegmentationTable(
-        rows=pd.DataFrame.from_records(records),
+        rows=Rows(columns),
         total_rows=len(records),
         malformed=0,
         malformed_examples=[],
@@ -110,13 +117,12 @@ def test_the_hash_follows_every_value_a_sample_record_holds(column: str, value: 
     chosen, left_out = set(plan.image_ids()), set(ids) - set(plan.image_ids())
     rows = table.rows
     for images, changes in ((chosen, True), (left_out, False)):
-        target = rows.index[rows["ImageID"].isin(images)][-1]
-        if rows.at[target, column] == value or (
-            pd.isna(rows.at[target, column]) and value != value
-        ):
-            target = rows.index[rows["ImageID"].isin(images)][-2]
-        changed = rows.copy()
-        changed.at[target, column] = value
+        target = np.flatnonzero(isin(rows["ImageID"], images))[-1]
+        if rows[column][target] == value or (pd.isna(rows[column][target]) and value != value):
+            target = np.flatnonzero(isin(rows["ImageID"], images))[-2]
+        values = rows[column].copy()
+        values[target] = value
+        changed = rows.with_columns(**{column: values})
         other = make_plan(
             SegmentationTable(changed, len(changed), 0, []),
             [PERSON, CAR],
@@ -237,8 +243,8 @@ def _plans_agree(
     candidates = make_plan(whole, classes, "train", seed=seed, per_class=arguments["per_class"])
     if arguments["per_class"] is None:
         candidates = expected
-    keep = rows["ImageID"].isin(set(candidates.image_ids()))
-    pd.testing.assert_frame_equal(bounded.rows, rows.loc[keep].reset_index(drop=True))
+    keep = isin(rows["ImageID"], set(candidates.image_ids()))
+    pd.testing.assert_frame_equal(bounded.rows.to_frame(), rows.take(keep).to_frame())
     assert bounded.total_rows == whole.total_rows
     # Field counts are checked on every row; identifiers and values only on the rows of images
     # the selection could still take, so fewer bad rows may be seen, never more.
@@ -328,7 +334,7 @@ def test_a_row_seen_before_its_image_is_chosen_is_read_again(
         str(path), [PERSON.mid, TRAFFIC_SIGN.mid], chunksize=16, selection=Selection(per_class=2)
     )
     assert set(table.rows["ImageID"]) == {late, *people[:2]}
-    assert table.rows.loc[table.rows["ImageID"] == late, "LabelName"].tolist() == [
+    assert table.rows["LabelName"][table.rows["ImageID"] == late].tolist() == [
         PERSON.mid,
         TRAFFIC_SIGN.mid,
     ]
@@ -373,7 +379,7 @@ def test_bounded_catalog_ranks_only_the_images_listed(tmp_path: Path) -> None:
     listed = set(images[::3])
     mids = [PERSON.mid, CAR.mid]
     whole = read_segmentations(str(path), mids, chunksize=64)
-    whole.rows = whole.rows[whole.rows["ImageID"].isin(listed)]
+    whole.rows = whole.rows.take(isin(whole.rows["ImageID"], listed))
     selection = Selection(per_class=4, seed=2, image_ids=listed)
     bounded = read_segmentations(str(path), mids, chunksize=64, selection=selection)
     expected = make_plan(whole, [PERSON, CAR], "train", per_class=4, seed=2)
@@ -390,9 +396,11 @@ def test_a_block_is_ranked_in_slices_so_its_tail_is_not_parsed(
     # rows are parsed. Ranked as one, every row of the block was parsed (none had a bound yet).
     monkeypatch.setattr(catalog._PendingRows, "_BATCH_LINES", 100)
     parsed: list[int] = []
-    original = catalog._parse_lines
+    original = catalog._parse_and_check_values
     monkeypatch.setattr(
-        catalog, "_parse_lines", lambda kept, n: parsed.append(n) or original(kept, n)
+        catalog,
+        "_parse_and_check_values",
+        lambda lines, candidates: parsed.append(len(candidates)) or original(lines, candidates),
     )
     images = _ids(2_000, 7)
     path = tmp_path / "seg.csv"

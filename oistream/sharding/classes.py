@@ -2,7 +2,7 @@
 
 Kept apart from the catalog (which scans the segmentation CSV with numpy) so that a shard run
 reads its class lists before numpy is imported: the import runs on a thread meanwhile
-(``lazypandas.import_in_background``).
+(``preimport.import_in_background``).
 """
 
 from __future__ import annotations

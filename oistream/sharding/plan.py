@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -26,8 +27,8 @@ from oistream.sharding.catalog import (
     hash_order_key as hash_order_key,  # defined by the catalog, which ranks while it reads
 )
 from oistream.sharding.classes import OIClass
-from oistream.sharding.lazypandas import pd
 from oistream.sharding.options import DEFAULT_SAMPLES_PER_SHARD
+from oistream.sharding.rows import factorize, group_positions, isin
 from oistream.sharding.specs import SampleSpec, ShardSpec
 
 
@@ -54,8 +55,8 @@ class Plan:
         self.shard_names = [shard_name(split, i) for i in range(len(shard_ids))]
         selected = {image_id for ids in shard_ids for image_id in ids}
         rows = table.rows
-        self._rows = rows[rows["ImageID"].isin(selected)] if len(rows) else rows
-        self._positions = self._rows.groupby("ImageID", sort=False).indices if selected else {}
+        self._rows = rows.take(isin(rows["ImageID"], selected))
+        self._positions = group_positions(self._rows["ImageID"])
         self._class_index = {c.mid: i for i, c in enumerate(self.classes, start=1)}
         self.annotations: dict[str, dict[str, Any]] = {}
         # The manifest's record of them (hierarchy, sources), set with them; None when off.
@@ -86,11 +87,11 @@ class Plan:
 
     def shard_mask_paths(self, index: int) -> list[str]:
         """The MaskPaths of shard ``index``'s images, in plan order."""
-        return self._rows["MaskPath"].to_numpy()[self._shard_rows(index)].tolist()
+        return self._rows["MaskPath"][self._shard_rows(index)].tolist()
 
     def shard(self, index: int) -> ShardSpec:
         ids = self.shard_ids[index]
-        rows = self._rows.iloc[self._shard_rows(index)] if ids else None
+        rows = self._rows.take(self._shard_rows(index)) if ids else None
         samples = []
         if rows is not None:
             table = SegmentationTable(
@@ -119,15 +120,17 @@ class Plan:
 
     def instances_per_class(self, excluding: set[str]) -> dict[str, int]:
         """Instances of each selected class (by MID) in the samples not left out."""
-        kept = self._rows[~self._rows["ImageID"].isin(excluding)]
-        counts = kept["LabelName"].value_counts()
-        return {c.mid: int(counts.get(c.mid, 0)) for c in self.classes}
+        kept = ~isin(self._rows["ImageID"], excluding)
+        counts = Counter(self._rows["LabelName"][kept].tolist())
+        return {c.mid: counts[c.mid] for c in self.classes}
 
     def images_per_class(self, excluding: set[str]) -> dict[str, int]:
         """Images carrying each selected class (by MID) among the samples not left out."""
-        kept = self._rows[~self._rows["ImageID"].isin(excluding)]
-        counts = kept.drop_duplicates(["ImageID", "LabelName"])["LabelName"].value_counts()
-        return {c.mid: int(counts.get(c.mid, 0)) for c in self.classes}
+        kept = ~isin(self._rows["ImageID"], excluding)
+        rows = self._rows.take(kept)
+        pairs = zip(rows["ImageID"].tolist(), rows["LabelName"].tolist(), strict=True)
+        counts = Counter(label for _, label in set(pairs))
+        return {c.mid: counts[c.mid] for c in self.classes}
 
     def manifest_classes(self) -> list[dict[str, Any]]:
         """Index 0 is background; selected classes are 1..K in the order the user gave them."""
@@ -152,11 +155,11 @@ class Plan:
         digest.update(np.array([len(s) for s in self.shard_ids], dtype="<i8").tobytes())
         positions = [self._positions[i] for i in ids]
         digest.update(np.array([len(p) for p in positions], dtype="<i8").tobytes())
-        rows = self._rows.iloc[np.concatenate(positions)] if positions else self._rows.iloc[:0]
+        rows = self._rows.take(np.concatenate(positions) if positions else np.zeros(0, np.intp))
         for column in _HASHED_TEXT:
             # Valid rows hold no control characters in these columns (the catalog checks them).
             digest.update("\x1f".join(rows[column].tolist()).encode() + b"\x1e")
-        numbers = rows[list(_HASHED_NUMBERS)].to_numpy(dtype="<f8", copy=True)
+        numbers = np.column_stack([rows[c] for c in _HASHED_NUMBERS]).astype("<f8")
         numbers[np.isnan(numbers)] = np.nan  # one bit pattern for every NaN
         digest.update(numbers.tobytes())
         for image_id in ids:
@@ -186,9 +189,10 @@ def select_images(
     rows = table.rows
     if rows.empty:
         return []
-    codes, image_ids = pd.factorize(rows["ImageID"], sort=False)
-    keys = hash_order_keys(image_ids.tolist(), seed)
-    labels = rows["LabelName"].to_numpy()
+    codes, distinct = factorize(rows["ImageID"])
+    image_ids = np.array(distinct, dtype=object)
+    keys = hash_order_keys(distinct, seed)
+    labels = rows["LabelName"]
     chosen = np.zeros(len(image_ids), dtype=bool)
     for oi_class in classes:
         images = np.unique(codes[labels == oi_class.mid])  # in order of first appearance

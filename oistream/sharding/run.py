@@ -32,7 +32,7 @@ import oistream
 from oistream import sources
 from oistream.errors import OistreamError, one_line, storage_reason
 from oistream.format import FORMAT_VERSION, MANIFEST_NAME, PLAN_RECORD, progress_name
-from oistream.sharding import annotations, classes, executors, lazypandas
+from oistream.sharding import annotations, classes, executors, preimport
 from oistream.sharding.cache import CacheStats, MetadataCache, default_cache_dir
 from oistream.sharding.fetch import Fetcher, FetchStats, RetryPolicy
 from oistream.sharding.httpread import RequestCounter, RequestTally, head, probe
@@ -163,10 +163,9 @@ def run_splits(options: ShardOptions) -> list[RunReport]:
         raise OistreamError(f"a split is named twice in {' '.join(splits)}")
     _check_executor(options)
     started = time.perf_counter()
-    # What the CSV's rows need (numpy with the catalog and plan, then pandas) is imported on a
-    # thread while the class lists are read: 0.1-0.2 s that no longer comes before the first
-    # request.
-    lazypandas.import_in_background("oistream.sharding.plan", "pandas")
+    # What the CSV's rows need (numpy with the catalog and plan) is imported on a thread while
+    # the class lists are read: 0.1-0.2 s that no longer comes before the first request.
+    preimport.import_in_background("oistream.sharding.plan")
     with contextlib.ExitStack() as stack:
         workers = None
         processes = _local_processes(options)
@@ -392,6 +391,7 @@ def _prepare(
     # the class lists were read (run_splits).
     from oistream.sharding import catalog
     from oistream.sharding.plan import make_plan
+    from oistream.sharding.rows import isin
 
     split, out = o.split, o.out
     images_options = sources.storage_options(o.images, o.endpoint_url)
@@ -426,7 +426,7 @@ def _prepare(
     extra = None
     if wanted_ids is not None:
         rows = table.rows
-        table = dataclasses.replace(table, rows=rows[rows["ImageID"].isin(wanted_ids)])
+        table = dataclasses.replace(table, rows=rows.take(isin(rows["ImageID"], wanted_ids)))
         extra = {"image_ids": {"count": len(wanted_ids), "sha256": _ids_digest(wanted_ids)}}
     plan = make_plan(
         table,
