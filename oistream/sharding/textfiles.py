@@ -169,18 +169,26 @@ def _complete_lines(
             yield carry_offset, carry + b"\n"
             carry, skipping = b"", False
             chunk, chunk_offset = chunk[newline + 1 :], chunk_offset + newline + 1
+        begin = 0  # where the bytes not yet handed out start in this piece
+        if carry:
+            first = chunk.find(b"\n") + 1
+            if first and len(carry) + first <= MAX_ROW_BYTES + 1:
+                # The line cut between two pieces, as a block of its own: joining the carry to
+                # the whole piece copied it, ~2 ms a piece, 0.2 s of an 820 MB CSV's scan.
+                yield carry_offset, carry + chunk[:first]
+                carry, begin = b"", first
         data_offset = carry_offset if carry else chunk_offset
         data = carry + chunk if carry else chunk
         del chunk
-        cut = data.rfind(b"\n") + 1
+        cut = max(data.rfind(b"\n") + 1, begin)
         carry, carry_offset = data[cut:], data_offset + cut
         if len(carry) > MAX_ROW_BYTES:
             # Memory stays bounded however long the line runs.
             carry, skipping = carry[: MAX_ROW_BYTES + 1], True
-        if cut:
-            complete = memoryview(data)[:cut]
+        if cut > begin:
+            complete = memoryview(data)[begin:cut]
             del data  # the view alone keeps the block alive, for as long as the caller needs it
-            yield data_offset, complete
+            yield data_offset + begin, complete
             del complete
-    if carry:  # a last line without its newline
-        yield carry_offset, carry + b"\n"
+    if carry:  # a last line without its newline (or, from the first read, complete lines)
+        yield carry_offset, carry if carry.endswith(b"\n") else carry + b"\n"
