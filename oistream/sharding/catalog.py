@@ -372,11 +372,13 @@ class _BlockScan:
         """Identifiers, sizes and values of ``candidates`` (lines of selected labels, of ten
         fields): the valid ones parsed, the rest counted and the first few explained."""
         rejected = list(rejected or [])
-        checks = _identifier_checks(lines, candidates, labels) + _size_checks(lines, candidates)
+        identifiers = _identifier_fields(lines, candidates, labels)
+        checks = _identifier_checks(lines, identifiers, labels) + _size_checks(lines, candidates)
         invalid, why = _rejections(candidates, checks)
         malformed += int(invalid.sum())
         rejected += why
-        candidates, labels = candidates[~invalid], labels[~invalid]
+        survivors = np.flatnonzero(~invalid)  # into the identifiers gathered before the cut
+        candidates, labels = candidates[survivors], labels[survivors]
         if not len(candidates):
             return _Scanned(_empty_rows(), candidates, malformed, rejected)
         numbers, clicks, checks = _parse_and_check_values(lines, candidates)
@@ -385,7 +387,9 @@ class _BlockScan:
         rejected += why
         valid = ~invalid
         numbers = {column: values[valid] for column, values in numbers.items()}
-        rows = _rows_of(lines, candidates[valid], labels[valid], numbers, clicks[valid])
+        kept = survivors[valid]
+        fields = {column: gathered[kept] for column, (gathered, _) in identifiers.items()}
+        rows = _rows_of(fields, labels[valid], numbers, clicks[valid])
         return _Scanned(rows, candidates[valid], malformed, rejected)
 
 
@@ -780,13 +784,27 @@ def _rejections(
     return invalid, examples
 
 
-def _identifier_checks(lines: _Lines, candidates: np.ndarray, labels: np.ndarray) -> list[_Check]:
-    """ImageID and BoxID lowercase hex of the right length; MaskPath built from them, on bytes."""
-    image_ids, image_id_lengths = lines.fixed_width(candidates, 1, 16)
-    box_ids, box_id_lengths = lines.fixed_width(candidates, 3, 8)
+def _identifier_fields(
+    lines: _Lines, candidates: np.ndarray, labels: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MaskPath, ImageID and BoxID of ``candidates`` as ``fixed_width`` gives them (values,
+    lengths): checked by ``_identifier_checks``, then decoded by ``_rows_of``."""
     mask_path_width = 16 + 1 + labels.dtype.itemsize + 1 + 8 + len(".png")
-    mask_paths, mask_path_lengths = lines.fixed_width(candidates, 0, mask_path_width)
-    mask_path_ok = np.zeros(len(candidates), dtype=bool)
+    return {
+        "MaskPath": lines.fixed_width(candidates, 0, mask_path_width),
+        "ImageID": lines.fixed_width(candidates, 1, 16),
+        "BoxID": lines.fixed_width(candidates, 3, 8),
+    }
+
+
+def _identifier_checks(
+    lines: _Lines, identifiers: dict[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray
+) -> list[_Check]:
+    """ImageID and BoxID lowercase hex of the right length; MaskPath built from them, on bytes."""
+    image_ids, image_id_lengths = identifiers["ImageID"]
+    box_ids, box_id_lengths = identifiers["BoxID"]
+    mask_paths, mask_path_lengths = identifiers["MaskPath"]
+    mask_path_ok = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):  # one pass per selected class, each vectorised
         rows = labels == label
         n = int(rows.sum())
@@ -995,25 +1013,19 @@ def _decoded(fixed: np.ndarray) -> np.ndarray:
 
 
 def _rows_of(
-    lines: _Lines,
-    candidates: np.ndarray,
+    identifiers: dict[str, np.ndarray],
     labels: np.ndarray,
     numbers: dict[str, np.ndarray],
     clicks: np.ndarray,
 ) -> Rows:
-    """The valid ``candidates`` as rows; their identifiers were checked (``_identifier_checks``)."""
+    """Valid lines as rows: their identifiers' bytes (``_identifier_fields``, checked), labels,
+    numbers and Clicks."""
     distinct, codes = np.unique(labels, return_inverse=True)
     # One shared string per class instead of one per row: ~12% less memory for a few classes.
     names = np.empty(len(distinct), dtype=object)
     names[:] = [label.decode("utf-8", "replace") for label in distinct.tolist()]
-    mask_path_width = 16 + 1 + labels.dtype.itemsize + 1 + 8 + len(".png")
-    texts = {
-        "MaskPath": _decoded(lines.fixed_width(candidates, 0, mask_path_width)[0]),
-        "ImageID": _decoded(lines.fixed_width(candidates, 1, 16)[0]),
-        "LabelName": names[codes.ravel()],
-        "BoxID": _decoded(lines.fixed_width(candidates, 3, 8)[0]),
-        "Clicks": clicks,
-    }
+    texts = {name: _decoded(values) for name, values in identifiers.items()}
+    texts.update(LabelName=names[codes.ravel()], Clicks=clicks)
     return Rows({c: texts[c] if c in STRING_COLUMNS else numbers[c] for c in COLUMNS})
 
 
